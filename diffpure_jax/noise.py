@@ -86,8 +86,8 @@ class ReverseGridPath(diffrax.AbstractBrownianPath):
                 "brownian='tree' for solvers that need point values or Levy area."
             )
         k = jnp.argmin(jnp.abs(self.ts[:-1] - jnp.maximum(t0, t1)))
-        sign = jnp.where(t1 > t0, -1.0, 1.0)
-        return sign * self.reverse_increment(k)
+        increment = self.reverse_increment(k)
+        return jnp.where(t1 > t0, -increment, increment)
 
 
 class GridBrownianPath(ReverseGridPath):
@@ -99,10 +99,11 @@ class GridBrownianPath(ReverseGridPath):
     sqrt_dt: jax.Array
     keys: jax.Array
     shape: tuple[int, ...] = eqx.field(static=True)
+    dtype: jnp.dtype = eqx.field(static=True, default=jnp.float32)
     levy_area: type = eqx.field(static=True, default=diffrax.BrownianIncrement)
 
     def reverse_increment(self, k):
-        return self.sqrt_dt[k] * step_noise(self.keys, k, self.shape)
+        return self.sqrt_dt[k] * step_noise(self.keys, k, self.shape, self.dtype)
 
 
 class StoredBrownianPath(ReverseGridPath):
@@ -125,6 +126,7 @@ class TreeBrownianPath(diffrax.AbstractBrownianPath):
     tol: float = eqx.field(static=True)
     keys: jax.Array
     shape: tuple[int, ...] = eqx.field(static=True)
+    dtype: jnp.dtype = eqx.field(static=True, default=jnp.float32)
     levy_area: type = eqx.field(static=True, default=diffrax.BrownianIncrement)
 
     @property
@@ -141,7 +143,7 @@ class TreeBrownianPath(diffrax.AbstractBrownianPath):
                 self.t_lo,
                 self.t_hi,
                 tol=self.tol,
-                shape=jax.ShapeDtypeStruct(self.shape, jnp.float32),
+                shape=jax.ShapeDtypeStruct(self.shape, self.dtype),
                 key=jax.random.fold_in(k, STEP_STREAM),
                 levy_area=self.levy_area,
             )

@@ -15,9 +15,10 @@ Gradient modes (`PurifyConfig.grad`), named the same everywhere in the project:
   the paper: the state is reconstructed backwards in time with the same Brownian increments and the
   adjoint integrated with Euler, both evaluated at the right end of each step. (torchsde's default
   Milstein adjoint equals Euler here because the noise is additive.) It is not the gradient of the
-  computed forward path; `tests/test_gradients.py::test_adjoint_vs_exact` measures the gap: on the
-  small NCSN++ with random weights, 100 steps, the relative L2 difference to `exact` is reported
-  in the test output (see the README's "gradient fidelity" table). Non-Euler solvers use diffrax's
+  computed forward path. Measured in `tests/test_gradients.py`: on the reference small NCSN++
+  (random weights, batch 2, 100 steps) the relative L2 gap to `exact` is 0.092 (cosine 0.997);
+  on a smooth analytic score it is 3.6e-3 at dt=1e-3 and shrinks linearly with dt. Non-Euler
+  solvers use diffrax's
   BacksolveAdjoint (Stratonovich solvers only; valid because the noise is additive).
 * `bpda`: identity in the backward pass through the purifier (the paper's BPDA+EOT attack).
 * `blind`: no gradient through the purifier (`DefendedClassifier` then differentiates the
@@ -152,15 +153,21 @@ def _terms(sde: VPSDE, score_fn: ScoreFn, path, probability_flow: bool):
 
 
 def _diffrax_solve(sde, score_fn, config: PurifyConfig, params, x_t, ts, path, adjoint):
+    if isinstance(adjoint, diffrax.BacksolveAdjoint):
+        # BacksolveAdjoint's backward solve rejects a decreasing StepTo grid (diffrax 0.7.2);
+        # constant steps of -dt clipped at t_end visit the same grid.
+        controller, dt0 = diffrax.ConstantStepSize(), ts[1] - ts[0]
+    else:
+        controller, dt0 = diffrax.StepTo(ts=ts), None
     sol = diffrax.diffeqsolve(
         _terms(sde, score_fn, path, config.probability_flow),
         SOLVERS[config.solver](),
         t0=ts[0],
         t1=ts[-1],
-        dt0=None,
+        dt0=dt0,
         y0=x_t,
         args=params,
-        stepsize_controller=diffrax.StepTo(ts=ts),
+        stepsize_controller=controller,
         adjoint=adjoint,
         max_steps=config.n_steps,
     )
@@ -220,16 +227,14 @@ def reverse_solve(
     return _diffrax_solve(sde, score_fn, config, params, x_t, ts, path, adjoint)
 
 
-def make_path(config: PurifyConfig, keys, image_shape, ts=None, sqrt_dt=None):
-    """The Brownian path of `config.brownian` for per-example keys (B,)."""
-    ts = jnp.asarray(config.time_grid() if ts is None else ts)
+def make_path(config: PurifyConfig, keys, image_shape, dtype=jnp.float32, ts=None):
+    """The Brownian path of `config.brownian` for per-example keys (B,), in the state's dtype."""
     if config.brownian == "tree":
-        return noise.TreeBrownianPath(
-            float(config.t_end), float(config.t_star), config.dt / 2, keys, tuple(image_shape)
-        )
-    if sqrt_dt is None:
-        sqrt_dt = jnp.sqrt(ts[:-1] - ts[1:])
-    return noise.GridBrownianPath(ts, jnp.asarray(sqrt_dt), keys, tuple(image_shape))
+        # The tree's range covers the float32 grid (float32(t*) may exceed t* slightly).
+        t_hi = float(np.float32(config.t_star)) * (1 + 1e-6)
+        return noise.TreeBrownianPath(0.0, t_hi, config.dt / 2, keys, tuple(image_shape), dtype)
+    ts = jnp.asarray(config.time_grid() if ts is None else ts, dtype)
+    return noise.GridBrownianPath(ts, jnp.sqrt(ts[:-1] - ts[1:]), keys, tuple(image_shape), dtype)
 
 
 def purify_with_keys(
@@ -243,8 +248,8 @@ def purify_with_keys(
         config.t_star,
         config.forward_schedule,
     )
-    ts = jnp.asarray(config.time_grid())
-    path = make_path(config, keys, x.shape[1:], ts)
+    ts = jnp.asarray(config.time_grid(), x.dtype)
+    path = make_path(config, keys, x.shape[1:], x.dtype, ts)
     x_0 = reverse_solve(score.sde, score.score_fn, config, score.variables, x_t, ts, path)
     out = (x_0 + 1.0) / 2.0
     if config.grad == "bpda":
