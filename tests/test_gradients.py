@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffpure_jax import PurifyConfig, VPSDE, purify, purify_eot
+from diffpure_jax import VPSDE, PurifyConfig, purify, purify_eot
 from diffpure_jax.models.ncsnpp import NCSNpp
 from diffpure_jax.score import ScoreModel, eps_continuous_score_fn
 
