@@ -72,9 +72,8 @@ def main(argv=None) -> None:
     h = 1e-2
     fd = (forward(score, x + h * direction) - forward(score, x - h * direction)) / (2 * h)
     print(f"forward: {t_fwd:.2f} s first call, {t_fwd2:.3f} s after; loss {float(value):.4f}")
-    print(
-        f"{'mode':8s} {'first s':>8s} {'then s':>8s} {'rel. diff to exact':>19s} {'dir. deriv':>11s}"
-    )
+    mode, t1, t2, diff, deriv = "mode", "first s", "then s", "rel. diff to exact", "dir. deriv"
+    print(f"{mode:8s} {t1:>8s} {t2:>8s} {diff:>19s} {deriv:>11s}")
     exact = None
     for mode in GRAD_MODES:
         config = PurifyConfig(t_star=args.t_star, dt=args.dt, grad=mode)
