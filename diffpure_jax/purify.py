@@ -199,7 +199,8 @@ def _euler_adjoint_bwd(sde, score_fn, config, residuals, a_0):
         )
         x_prev = x - drift * dt
         if not config.probability_flow:
-            x_prev = x_prev - sde.diffusion(t) * path.reverse_increment(k)
+            # The increment the forward step k applied, replayed (any Brownian path).
+            x_prev = x_prev + sde.diffusion(t) * path.evaluate(ts[k + 1], ts[k])
         return (x_prev, a + vjp(a)[0] * dt), None
 
     (_, a_t), _ = jax.lax.scan(step, (x_0, a_0), jnp.arange(config.n_steps - 1, -1, -1))
