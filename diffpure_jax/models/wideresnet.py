@@ -94,24 +94,27 @@ class BasicBlock(nn.Module):
         return residual + out
 
 
-class NetworkBlock(nn.Module):
-    """`n` BasicBlocks in `layer.0`, `layer.1`, ...; the first one changes width and stride."""
+class BlockStack(nn.Module):
+    """`n` residual blocks named `{prefix}.0`, `{prefix}.1`, ... (a PyTorch nn.Sequential); the
+    first one changes width and stride. (B,H,W,in) -> (B,H/s,W/s,out)."""
 
+    block: type[nn.Module]
     n: int
     in_planes: int
     out_planes: int
     stride: int
-    drop_rate: float = 0.0
+    prefix: str
+    block_kwargs: tuple[tuple[str, float], ...] = ()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         for i in range(self.n):
-            x = BasicBlock(
+            x = self.block(
                 self.in_planes if i == 0 else self.out_planes,
                 self.out_planes,
                 self.stride if i == 0 else 1,
-                self.drop_rate,
-                name=f"layer.{i}",
+                **dict(self.block_kwargs),
+                name=f"{self.prefix}.{i}",
             )(x, train)
         return x
 
@@ -143,8 +146,16 @@ class WideResNet(nn.Module):
             x = _normalize_cifar10(x)
         out = _conv("conv1", channels[0], 3, 1, _PAD_SAME_1)(x)
         for i, stride in enumerate((1, 2, 2)):
-            out = NetworkBlock(
-                n, channels[i], channels[i + 1], stride, self.drop_rate, name=f"block{i + 1}"
+            drop = (("drop_rate", self.drop_rate),)
+            out = BlockStack(
+                BasicBlock,
+                n,
+                channels[i],
+                channels[i + 1],
+                stride,
+                "layer",
+                drop,
+                name=f"block{i + 1}",
             )(out, train)
         out = nn.relu(_batch_norm("bn1", train)(out))
         out = _global_avg_pool_8x8(out)
@@ -192,26 +203,6 @@ class DMBlock(nn.Module):
         return residual + out
 
 
-class DMBlockGroup(nn.Module):
-    """`_BlockGroup`: `num_blocks` DMBlocks in `block.0`, `block.1`, ..."""
-
-    num_blocks: int
-    in_planes: int
-    out_planes: int
-    stride: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        for i in range(self.num_blocks):
-            x = DMBlock(
-                self.in_planes if i == 0 else self.out_planes,
-                self.out_planes,
-                self.stride if i == 0 else 1,
-                name=f"block.{i}",
-            )(x, train)
-        return x
-
-
 class DMWideResNet(nn.Module):
     """RobustBench `DMWideResNet(depth, width, activation_fn=Swish)` with CIFAR-10 normalization
     inside (DiffPure's `cifar10-wideresnet-70-16`). BatchNorm momentum is PyTorch's 0.01.
@@ -232,9 +223,15 @@ class DMWideResNet(nn.Module):
         out = _normalize_cifar10(x)
         out = _conv("init_conv", channels[0], 3, 1, _PAD_SAME_1)(out)
         for i, stride in enumerate((1, 2, 2)):
-            out = DMBlockGroup(num_blocks, channels[i], channels[i + 1], stride, name=f"layer.{i}")(
-                out, train
-            )
+            out = BlockStack(
+                DMBlock,
+                num_blocks,
+                channels[i],
+                channels[i + 1],
+                stride,
+                "block",
+                name=f"layer.{i}",
+            )(out, train)
         out = swish(_batch_norm("batchnorm", train, momentum=0.99)(out))
         out = _global_avg_pool_8x8(out)
         return nn.Dense(self.num_classes, name="logits")(out)
