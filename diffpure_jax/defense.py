@@ -40,11 +40,15 @@ class DefendedClassifier(eqx.Module):
         return DefendedClassifier(self.purifier.replace(**purify_config_changes), self.classifier)
 
 
-def undefended(classifier: Classifier):
-    """`f(x, key, index=None, draw=0)` -> logits of the classifier alone (same signature)."""
+class Undefended(eqx.Module):
+    """The classifier alone, with the defended model's signature `(x, key, index=None, draw=0)`."""
 
-    def logits(x, key, index=None, draw=0):
+    classifier: Classifier
+
+    def __call__(self, x, key, index=None, draw=0):
         del key, index, draw
-        return classifier(x)
+        return self.classifier(x)
 
-    return logits
+
+def undefended(classifier: Classifier) -> Undefended:
+    return Undefended(classifier)

@@ -65,26 +65,46 @@ def _expand(v, x):
     return v.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def project_l1_ball(delta: jax.Array, eps: jax.Array | float) -> jax.Array:
-    """Euclidean projection of each row of delta onto the L1 ball of radius eps (Duchi et al.)."""
-    flat = delta.reshape(delta.shape[0], -1)
-    a = jnp.abs(flat)
-    srt = -jnp.sort(-a, axis=1)
-    cssv = jnp.cumsum(srt, axis=1) - jnp.reshape(jnp.asarray(eps), (-1, 1))
-    ind = jnp.arange(1, flat.shape[1] + 1, dtype=flat.dtype)
-    cond = srt - cssv / ind > 0
-    rho = jnp.max(jnp.where(cond, ind, 0), axis=1, keepdims=True)
-    theta = jnp.take_along_axis(cssv, rho.astype(jnp.int32) - 1, axis=1) / rho
-    proj = jnp.sign(flat) * jnp.maximum(a - theta, 0.0)
-    inside = jnp.sum(a, axis=1, keepdims=True) <= jnp.reshape(jnp.asarray(eps), (-1, 1))
-    return jnp.where(inside, flat, proj).reshape(delta.shape)
+def project_l1_box(delta: jax.Array, x: jax.Array, eps: float) -> jax.Array:
+    """Exact Euclidean projection of each delta (B, ...) onto {d : ||d||_1 <= eps, 0 <= x+d <= 1}.
+
+    What ref `L1_projection` computes (there returned as a correction to add): d_i = sign(delta_i)
+    min(max(|delta_i| - lam, 0), c_i), c_i the room to the box in delta_i's direction, lam >= 0
+    the smallest with ||d||_1 <= eps, found exactly from the sorted breakpoints of the piecewise
+    linear ||d(lam)||_1. x (B, ...) in [0, 1].
+    """
+    shape = delta.shape
+    v = delta.reshape(shape[0], -1)
+    xf = x.reshape(shape[0], -1)
+    a = jnp.abs(v)
+    cap = jnp.maximum(jnp.where(v >= 0, 1.0 - xf, xf), 0.0)
+    # G(lam) = sum_i min(max(a_i - lam, 0), cap_i): slope -1 on [max(a_i - cap_i, 0), a_i].
+    pts = jnp.concatenate([jnp.maximum(a - cap, 0.0), a], axis=1)
+    dslope = jnp.concatenate([-jnp.ones_like(a), jnp.ones_like(a)], axis=1)
+    order = jnp.argsort(pts, axis=1)
+    pts = jnp.take_along_axis(pts, order, axis=1)
+    slope = jnp.cumsum(jnp.take_along_axis(dslope, order, axis=1), axis=1)
+    g0 = jnp.sum(jnp.minimum(a, cap), axis=1, keepdims=True)
+    seg = slope[:, :-1] * (pts[:, 1:] - pts[:, :-1])
+    g = g0 + jnp.concatenate([jnp.zeros_like(g0), jnp.cumsum(seg, axis=1)], axis=1)
+    # Last breakpoint with G > eps (G is non-increasing); lam lies on the segment after it.
+    j = jnp.maximum(jnp.sum(g > eps, axis=1, keepdims=True) - 1, 0)
+    p_j = jnp.take_along_axis(pts, j, axis=1)
+    g_j = jnp.take_along_axis(g, j, axis=1)
+    s_j = jnp.take_along_axis(slope, j, axis=1)
+    lam = jnp.where(g0 > eps, p_j + (g_j - eps) / jnp.maximum(-s_j, 1.0), 0.0)
+    d = jnp.sign(v) * jnp.minimum(jnp.maximum(a - lam, 0.0), cap)
+    # Float rounding safeguard: shrinking the magnitudes keeps d inside the box.
+    n1 = jnp.sum(jnp.abs(d), axis=1, keepdims=True)
+    d = d * jnp.minimum(1.0, eps / jnp.maximum(n1, 1e-30))
+    return d.reshape(shape)
 
 
 def project(x_adv: jax.Array, x: jax.Array, threat: Threat) -> jax.Array:
     """Project x_adv onto {x + delta : ||delta|| <= eps} and then clip to [0, 1].
 
-    Linf: exact projection onto the intersection. L2 and L1: projection onto the ball, then the
-    box (what the reference attacks do; the result is inside both sets).
+    Linf and L1: the exact Euclidean projection onto the intersection. L2: projection onto the
+    ball, then the box (what the reference attacks do; the result is inside both sets).
     """
     delta = x_adv - x
     if threat.norm == "Linf":
@@ -93,7 +113,7 @@ def project(x_adv: jax.Array, x: jax.Array, threat: Threat) -> jax.Array:
         n = lp_norm(delta, "L2")
         delta = delta * _expand(jnp.minimum(1.0, threat.eps / jnp.maximum(n, 1e-12)), delta)
     else:
-        delta = project_l1_ball(delta, threat.eps)
+        return x + project_l1_box(delta, x, threat.eps)
     return jnp.clip(x + delta, 0.0, 1.0)
 
 

@@ -1,0 +1,161 @@
+"""AutoAttack (Croce & Hein 2020), as the reference `autoattack.AutoAttack` runs it, in JAX.
+
+Versions:
+* `standard`: APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5000 queries); 100
+  iterations, 1 restart each. For L1, as the reference: APGD-CE (5 restarts) and APGD-T (5
+  targets), both with the large-eps schedule.
+* `rand` (for random defenses): APGD-CE and APGD-DLR, EOT over 20 draws, 1 restart each.
+* `custom`: any list of the attacks in ATTACKS with the settings given.
+
+As in the reference, each attack runs only on the points still robust. Afterwards its
+adversarial points are re-checked with one fresh forward pass of the model, which is one draw of
+a random defense, and the points misclassified there count as broken for good. This single-draw
+check is what the DiffPure paper reports. The evaluation protocols in `diffpure_jax.evaluate`
+re-evaluate the final points over many draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from .apgd import apgd, apgd_targeted
+from .base import Threat
+from .fab import fab
+from .square import square
+
+ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+VERSIONS = ("standard", "rand", "custom")
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoAttackConfig:
+    """Which attacks run, in order, and their settings (defaults: the reference's).
+
+    n_restarts applies to APGD-CE and APGD-DLR; the targeted attacks run one restart per target
+    and Square one run, as in the reference."""
+
+    attacks: tuple[str, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")
+    n_iter: int = 100
+    n_restarts: int = 1
+    n_eot: int = 1
+    n_target_classes: int = 9
+    n_queries: int = 5000
+    use_largereps: bool = False
+
+    def __post_init__(self):
+        unknown = [a for a in self.attacks if a not in ATTACKS]
+        if unknown or not self.attacks:
+            raise ValueError(f"unknown or no attacks {unknown}; choose from {ATTACKS}")
+
+
+def autoattack_config(
+    version: str = "standard", norm: str = "Linf", **overrides
+) -> AutoAttackConfig:
+    """The reference settings of an AutoAttack version, with `overrides` (for `custom`, give
+    `attacks`)."""
+    if version == "standard":
+        if norm == "L1":
+            base = AutoAttackConfig(
+                attacks=("apgd-ce", "apgd-t"), n_restarts=5, n_target_classes=5, use_largereps=True
+            )
+        else:
+            base = AutoAttackConfig()
+    elif version == "rand":
+        base = AutoAttackConfig(attacks=("apgd-ce", "apgd-dlr"), n_eot=20)
+    elif version == "custom":
+        if "attacks" not in overrides:
+            raise ValueError("version 'custom' needs attacks=(...), e.g. ('apgd-ce', 'square')")
+        base = AutoAttackConfig(attacks=tuple(overrides.pop("attacks")))
+    else:
+        raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+    if "attacks" in overrides:
+        overrides["attacks"] = tuple(overrides["attacks"])
+    return dataclasses.replace(base, **overrides)
+
+
+class AutoAttackResult(NamedTuple):
+    """x_adv (B, H, W, C); clean_pred (B,); preds (A, B): the re-check prediction after each of
+    the A attacks (carried over once broken); robust (A, B) bool: still robust after each attack
+    (one-draw protocol). An example broken by attack j has x_adv from attack j."""
+
+    x_adv: jax.Array
+    clean_pred: jax.Array
+    preds: jax.Array
+    robust: jax.Array
+
+
+def run_attack(name, logits_fn, x, y, key, threat: Threat, config: AutoAttackConfig, active):
+    """One attack of the suite by name (see ATTACKS); returns an AttackResult."""
+    common = dict(threat=threat, active=active)
+    if name in ("apgd-ce", "apgd-dlr"):
+        loss = "ce" if name == "apgd-ce" else "dlr"
+        return apgd(
+            logits_fn,
+            x,
+            y,
+            key,
+            loss=loss,
+            n_iter=config.n_iter,
+            n_restarts=config.n_restarts,
+            n_eot=config.n_eot,
+            use_largereps=config.use_largereps,
+            **common,
+        )
+    if name == "apgd-t":
+        return apgd_targeted(
+            logits_fn,
+            x,
+            y,
+            key,
+            n_target_classes=config.n_target_classes,
+            n_iter=config.n_iter,
+            n_eot=config.n_eot,
+            use_largereps=config.use_largereps,
+            **common,
+        )
+    if name in ("fab", "fab-t"):
+        return fab(
+            logits_fn,
+            x,
+            y,
+            key,
+            targeted=name == "fab-t",
+            n_target_classes=config.n_target_classes,
+            n_iter=config.n_iter,
+            **common,
+        )
+    if name == "square":
+        return square(logits_fn, x, y, key, n_queries=config.n_queries, **common)
+    raise ValueError(f"unknown attack {name!r}")
+
+
+def autoattack(
+    logits_fn, x, y, key, *, threat: Threat, config: AutoAttackConfig | None = None
+) -> AutoAttackResult:
+    """Run the AutoAttack suite on a batch.
+
+    Args:
+      logits_fn: (x, key) -> (B, K) logits (random or deterministic; may be an equinox Module).
+      x: (B, H, W, C) in [0, 1]; y: (B,) int labels; key: PRNG key.
+    """
+    config = config or autoattack_config("standard", threat.norm)
+    y = jnp.asarray(y)
+    clean_pred = jnp.argmax(logits_fn(x, jax.random.fold_in(key, 0)), -1)
+    robust = clean_pred == y
+    x_adv, pred = x, clean_pred
+    preds, robusts = [], []
+    for j, name in enumerate(config.attacks):
+        k_attack, k_check = jax.random.split(jax.random.fold_in(key, j + 1))
+        result = run_attack(name, logits_fn, x, y, k_attack, threat, config, robust)
+        check = jnp.argmax(logits_fn(result.x_adv, k_check), -1)
+        newly = robust & (check != y)
+        x_adv = jnp.where(newly[:, None, None, None], result.x_adv, x_adv)
+        pred = jnp.where(robust, check, pred)
+        robust = robust & ~newly
+        preds.append(pred)
+        robusts.append(robust)
+    return AutoAttackResult(x_adv, clean_pred, jnp.stack(preds), jnp.stack(robusts))

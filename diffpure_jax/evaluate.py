@@ -1,0 +1,354 @@
+"""Evaluation protocols for a random defense, and the resumable evaluation runner.
+
+Protocols, applied to the final adversarial points (every reported number names its protocol):
+
+* `one_draw`: AutoAttack's own final check, one forward pass per attack. This is what the DiffPure
+  paper reports.
+* `worst_of_N`: robust only if all N purifications classify the point right.
+* `average_of_N`: the fraction of N purifications that classify it right, averaged.
+* `majority_of_N`: robust if the majority vote over N purifications is right. Ties go to the
+  lowest class index. This is what a deployed, voting defense does.
+
+The runner is resumable and durable. It goes through the examples in fixed batches. A batch's
+random key is derived from the run seed and the batch number, so a batch gives the same result
+whether the run was interrupted or not. Each batch's adversarial examples go to `adv/` by an
+atomic rename, then its per-example records are appended to `records.jsonl` and fsynced. A batch
+is done once its records are in that file. A rerun with the same flags skips the batches already
+done; with different flags it refuses, and nothing computed is lost. The summary (JSON and
+Markdown) is derived from the records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .attacks.autoattack import AutoAttackConfig, autoattack
+from .attacks.base import Threat, bind_index, in_threat, lp_norm
+from .attacks.pgd import pgd
+
+RECORDS = "records.jsonl"
+RUN_CONFIG = "run_config.json"
+SUMMARY_JSON = "summary.json"
+SUMMARY_MD = "summary.md"
+
+
+def parse_protocols(names: Sequence[str]) -> list[tuple[str, int]]:
+    """'one_draw', 'worst_of_10', 'average_of_20', 'majority_of_10' -> [(kind, n), ...]."""
+    out = []
+    for name in names:
+        if name == "one_draw":
+            out.append(("one_draw", 1))
+            continue
+        kind, _, n = name.rpartition("_of_")
+        if kind not in ("worst", "average", "majority") or not n.isdigit() or int(n) < 1:
+            raise ValueError(
+                f"unknown protocol {name!r}; use one_draw, worst_of_N, average_of_N, majority_of_N"
+            )
+        out.append((kind, int(n)))
+    return out
+
+
+def draw_predictions(logits_fn, x, key, n_draws: int, chunk: int = 10) -> jax.Array:
+    """(n_draws, B) predictions of n_draws independent forward passes, vmapped in chunks."""
+    keys = jax.random.split(key, n_draws)
+    fn = jax.jit(jax.vmap(lambda k, x: jnp.argmax(logits_fn(x, k), -1), in_axes=(0, None)))
+    return jnp.concatenate([fn(keys[i : i + chunk], x) for i in range(0, n_draws, chunk)])
+
+
+def protocol_scores(preds: jax.Array, y: jax.Array, kind: str) -> np.ndarray:
+    """Per-example score of one protocol from (N, B) draw predictions: bool or fraction (B,)."""
+    correct = preds == y[None]
+    if kind == "worst":
+        return np.asarray(jnp.all(correct, 0))
+    if kind == "average":
+        return np.asarray(jnp.mean(correct, 0))
+    if kind == "majority":
+        n_classes = int(max(int(preds.max()), int(y.max()))) + 1
+        counts = jax.nn.one_hot(preds, n_classes).sum(0)  # (B, K)
+        return np.asarray(jnp.argmax(counts, -1) == y)
+    raise ValueError(f"unknown protocol kind {kind!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """One evaluation run: which attack, which protocols, where.
+
+    attack(logits_fn, x, y, key) must return (x_adv (B, ...), per-attack predictions
+    {name: (B,)}, robust_one_draw (B,) bool, clean_pred (B,)).
+    """
+
+    attack: Callable[..., tuple[jax.Array, dict[str, jax.Array], jax.Array, jax.Array]]
+    threat: Threat
+    protocols: tuple[str, ...] = ("one_draw",)
+    batch_size: int = 64
+    seed: int = 0
+    description: dict = dataclasses.field(default_factory=dict)
+
+
+def _fsync_append(path: str, lines: list[str]) -> None:
+    with open(path, "a") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_records(workdir: str) -> list[dict]:
+    """Complete records of a workdir (a torn last line from a kill is ignored)."""
+    path = os.path.join(workdir, RECORDS)
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            records.append(json.loads(line))
+    return records
+
+
+def _check_run_config(workdir: str, description: dict) -> None:
+    path = os.path.join(workdir, RUN_CONFIG)
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        if previous != description:
+            changed = sorted(
+                k for k in set(previous) | set(description) if previous.get(k) != description.get(k)
+            )
+            raise ValueError(
+                f"{workdir} holds a run with different settings ({', '.join(changed)}); its "
+                "results are kept. Rerun with the same flags to resume, or use another --workdir."
+            )
+    else:
+        os.makedirs(workdir, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(description, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+
+
+def _truncate_torn_tail(workdir: str) -> None:
+    path = os.path.join(workdir, RECORDS)
+    if not os.path.exists(path):
+        return
+    with open(path, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        with open(path, "wb") as f:
+            f.write(data[: data.rfind(b"\n") + 1])
+
+
+def run_evaluation(
+    evaluation: Evaluation,
+    logits_fn,
+    x: np.ndarray,
+    y: np.ndarray,
+    index: np.ndarray,
+    workdir: str,
+    progress: bool = True,
+    after_batch: Callable[[int], None] | None = None,
+) -> dict:
+    """Attack and evaluate (x, y) batch by batch into `workdir`, resuming where it stopped.
+
+    Args:
+      logits_fn: (x, key, index=None) -> logits, the defended or undefended model; the runner
+        binds each batch's dataset indices.
+      x: (N, H, W, C) in [0, 1]; y: (N,); index: (N,) dataset indices (the noise follows them).
+      after_batch: called with the batch number after each batch is durably written (tests use it
+        to simulate a kill).
+    Returns: the summary dict (also written to summary.json and summary.md).
+    """
+    _check_run_config(workdir, evaluation.description)
+    _truncate_torn_tail(workdir)
+    os.makedirs(os.path.join(workdir, "adv"), exist_ok=True)
+    all_records = read_records(workdir)
+    done = {r["index"] for r in all_records}
+    protocols = parse_protocols(evaluation.protocols)
+    n = len(x)
+    size = evaluation.batch_size
+    batches = [(b, slice(s, min(s + size, n))) for b, s in enumerate(range(0, n, size))]
+    progress_bar = _progress(len(batches), progress)
+    key = jax.random.key(evaluation.seed)
+    for b, sl in batches:
+        if all(int(i) in done for i in index[sl]):
+            progress_bar.update(1)
+            continue
+        batch_key = jax.random.fold_in(key, b)
+        model = bind_index(logits_fn, index[sl])
+        records = _run_batch(
+            evaluation, protocols, model, x[sl], y[sl], index[sl], batch_key, workdir, b
+        )
+        _fsync_append(
+            os.path.join(workdir, RECORDS), [json.dumps(r, sort_keys=True) for r in records]
+        )
+        all_records += records
+        _update_progress(progress_bar, all_records)
+        if after_batch is not None:
+            after_batch(b)
+    progress_bar.close()
+    return write_summary(workdir, evaluation)
+
+
+def _run_batch(evaluation, protocols, model, x, y, index, key, workdir, b):
+    k_attack, k_protocol = jax.random.split(key)
+    x_adv, attack_preds, robust_one_draw, clean_pred = evaluation.attack(
+        model, jnp.asarray(x), jnp.asarray(y), k_attack
+    )
+    x_adv = np.asarray(x_adv)
+    inside = np.asarray(in_threat(jnp.asarray(x_adv), jnp.asarray(x), evaluation.threat))
+    if not inside.all():
+        bad = [int(i) for i in index[~inside]]
+        raise RuntimeError(
+            f"adversarial examples of indices {bad} are outside the {evaluation.threat} ball or "
+            "[0, 1]: the attack is broken; no records were written for this batch."
+        )
+    scores = {}
+    for kind, n_draws in protocols:
+        if kind == "one_draw":
+            scores["one_draw"] = np.asarray(robust_one_draw)
+            continue
+        preds = draw_predictions(
+            model, jnp.asarray(x_adv), jax.random.fold_in(k_protocol, n_draws), n_draws
+        )
+        scores[f"{kind}_of_{n_draws}"] = protocol_scores(preds, jnp.asarray(y), kind)
+    norms = {name: np.asarray(lp_norm(jnp.asarray(x_adv - x), name)) for name in ("Linf", "L2")}
+    path = os.path.join(workdir, "adv", f"batch_{b:05d}.npz")
+    tmp = path + ".tmp.npz"
+    np.savez_compressed(tmp, index=index, x_adv=x_adv, y=y)
+    os.replace(tmp, path)
+    records = []
+    for i in range(len(index)):
+        records.append(
+            {
+                "index": int(index[i]),
+                "label": int(y[i]),
+                "clean_pred": int(clean_pred[i]),
+                "attack_preds": {k: int(v[i]) for k, v in attack_preds.items()},
+                "robust": {
+                    k: (bool(v[i]) if v.dtype == bool else float(v[i])) for k, v in scores.items()
+                },
+                "linf": float(norms["Linf"][i]),
+                "l2": float(norms["L2"][i]),
+                "batch": b,
+            }
+        )
+    return records
+
+
+def summarize(records: list[dict]) -> dict:
+    """Clean accuracy and robust accuracy per protocol (in %), from per-example records."""
+    n = len(records)
+    if n == 0:
+        return {"n_examples": 0}
+    clean = 100.0 * np.mean([r["clean_pred"] == r["label"] for r in records])
+    protocols = sorted({p for r in records for p in r["robust"]})
+    robust = {
+        p: 100.0 * float(np.mean([float(r["robust"][p]) for r in records])) for p in protocols
+    }
+    attacks = list(records[0]["attack_preds"])
+    after = {
+        a: 100.0 * float(np.mean([r["attack_preds"][a] == r["label"] for r in records]))
+        for a in attacks
+    }
+    return {
+        "n_examples": n,
+        "clean_accuracy": float(clean),
+        "robust_accuracy": robust,
+        "accuracy_after_each_attack_one_draw": after,
+        "max_linf": float(max(r["linf"] for r in records)),
+        "max_l2": float(max(r["l2"] for r in records)),
+    }
+
+
+def write_summary(workdir: str, evaluation: Evaluation) -> dict:
+    records = sorted(read_records(workdir), key=lambda r: r["index"])
+    summary = {"settings": evaluation.description, **summarize(records)}
+    with open(os.path.join(workdir, SUMMARY_JSON), "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+    with open(os.path.join(workdir, SUMMARY_MD), "w") as f:
+        f.write(markdown_table(summary))
+    return summary
+
+
+def markdown_table(summary: dict) -> str:
+    """A Markdown table of the summary: one row per protocol."""
+    s = summary.get("settings", {})
+    lines = [
+        f"Settings: {json.dumps(s, sort_keys=True)}",
+        "",
+        "| protocol | examples | clean acc (%) | robust acc (%) |",
+        "|---|---|---|---|",
+    ]
+    for p, acc in summary.get("robust_accuracy", {}).items():
+        lines.append(
+            f"| {p} | {summary['n_examples']} | {summary['clean_accuracy']:.2f} | {acc:.2f} |"
+        )
+    after = summary.get("accuracy_after_each_attack_one_draw", {})
+    if after:
+        lines += ["", "| after attack (one draw, cumulative) | accuracy (%) |", "|---|---|"]
+        lines += [f"| {a} | {v:.2f} |" for a, v in after.items()]
+    return "\n".join(lines) + "\n"
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def set_postfix_str(self, s):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="batch", desc="evaluating", dynamic_ncols=True)
+
+
+def _update_progress(bar, records: list[dict]) -> None:
+    summary = summarize(records)
+    robust = summary.get("robust_accuracy", {})
+    shown = " ".join(f"{k}={v:.1f}%" for k, v in robust.items())
+    bar.set_postfix_str(
+        f"n={summary['n_examples']} clean={summary.get('clean_accuracy', 0):.1f}% {shown}"
+    )
+    bar.update(1)
+
+
+def autoattack_suite(threat: Threat, config: AutoAttackConfig):
+    """An `Evaluation.attack` running AutoAttack; its one-draw check is the `one_draw` protocol."""
+
+    def attack(model, x, y, key):
+        r = autoattack(model, x, y, key, threat=threat, config=config)
+        preds = {name: r.preds[j] for j, name in enumerate(config.attacks)}
+        return r.x_adv, preds, r.robust[-1], r.clean_pred
+
+    return attack
+
+
+def pgd_suite(threat: Threat, name: str = "pgd-eot", **pgd_kwargs):
+    """An `Evaluation.attack` running PGD(-EOT) or BPDA+EOT on the points classified right at one
+    clean draw; the attack's own (EOT-averaged, optionally re-checked) check is `one_draw`."""
+
+    def attack(model, x, y, key):
+        k_clean, k_attack, k_check = jax.random.split(key, 3)
+        clean_pred = jnp.argmax(model(x, k_clean), -1)
+        active = clean_pred == y
+        result = pgd(model, x, y, k_attack, threat=threat, active=active, **pgd_kwargs)
+        # attack_preds records one draw at x_adv; robustness is the attack's own check.
+        pred_after = jnp.argmax(model(result.x_adv, k_check), -1)
+        return result.x_adv, {name: pred_after}, active & ~result.fooled, clean_pred
+
+    return attack

@@ -1,0 +1,107 @@
+"""Evaluation protocols and the resumable runner."""
+
+import json
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from attack_models import synthetic_data, trained_mlp
+
+from diffpure_jax.attacks.base import Threat
+from diffpure_jax.evaluate import (
+    Evaluation,
+    parse_protocols,
+    pgd_suite,
+    protocol_scores,
+    read_records,
+    run_evaluation,
+)
+
+
+class NoisyModel(eqx.Module):
+    """A random 'defense': logits plus Gaussian noise drawn from (key, dataset index)."""
+
+    model: eqx.Module
+    scale: float = 1.0
+
+    def __call__(self, x, key, index=None, draw=0):
+        index = jnp.arange(x.shape[0]) if index is None else index
+        noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (10,)))(index)
+        return self.model(x) + self.scale * noise
+
+
+def test_protocol_scores():
+    y = jnp.array([0, 1, 2])
+    preds = jnp.array([[0, 1, 0], [0, 2, 0], [1, 1, 0]])  # 3 draws x 3 examples
+    np.testing.assert_array_equal(protocol_scores(preds, y, "worst"), [False, False, False])
+    np.testing.assert_allclose(protocol_scores(preds, y, "average"), [2 / 3, 2 / 3, 0])
+    np.testing.assert_array_equal(protocol_scores(preds, y, "majority"), [True, True, False])
+    assert parse_protocols(["one_draw", "worst_of_10", "majority_of_3"]) == [
+        ("one_draw", 1),
+        ("worst", 10),
+        ("majority", 3),
+    ]
+    with pytest.raises(ValueError, match="unknown protocol"):
+        parse_protocols(["best_of_3"])
+
+
+class Killed(Exception):
+    pass
+
+
+def _evaluation(**kw):
+    threat = Threat("Linf", 0.06)
+    attack = pgd_suite(threat, n_iter=5, n_eot=2)
+    return Evaluation(
+        attack=attack,
+        threat=threat,
+        protocols=("one_draw", "worst_of_4", "majority_of_4", "average_of_4"),
+        batch_size=4,
+        seed=3,
+        description={"test": 1, **kw},
+    )
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path):
+    x, y = synthetic_data(10, seed=7)
+    x, y = np.asarray(x), np.asarray(y)
+    index = np.arange(100, 110)
+    model = NoisyModel(trained_mlp())
+    full = run_evaluation(_evaluation(), model, x, y, index, str(tmp_path / "full"), False)
+
+    def kill(batch):
+        if batch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_evaluation(_evaluation(), model, x, y, index, str(tmp_path / "part"), False, kill)
+    assert len(read_records(str(tmp_path / "part"))) == 8  # batches 0 and 1 are durable
+    # A torn line from a kill mid-write is ignored and repaired.
+    with open(tmp_path / "part" / "records.jsonl", "a") as f:
+        f.write('{"index": 108, "lab')
+    resumed = run_evaluation(_evaluation(), model, x, y, index, str(tmp_path / "part"), False)
+
+    def by_index(d):
+        return sorted(read_records(str(tmp_path / d)), key=lambda r: r["index"])
+
+    assert by_index("full") == by_index("part")
+    assert len(by_index("full")) == 10
+    assert full == resumed
+    assert 0 < full["robust_accuracy"]["worst_of_4"] <= full["robust_accuracy"]["average_of_4"]
+    assert (tmp_path / "full" / "summary.md").read_text().count("|") > 10
+    adv = np.load(tmp_path / "full" / "adv" / "batch_00000.npz")
+    assert np.abs(adv["x_adv"] - x[:4]).max() <= 0.06 + 1e-6
+
+
+def test_rerun_with_other_settings_refuses_and_keeps_results(tmp_path):
+    x, y = synthetic_data(4, seed=7)
+    model = NoisyModel(trained_mlp())
+    args = (model, np.asarray(x), np.asarray(y), np.arange(4), str(tmp_path))
+    run_evaluation(_evaluation(), *args, False)
+    before = (tmp_path / "records.jsonl").read_text()
+    with pytest.raises(ValueError, match="different settings"):
+        run_evaluation(_evaluation(eps="other"), *args, False)
+    assert (tmp_path / "records.jsonl").read_text() == before
+    assert json.loads((tmp_path / "run_config.json").read_text()) == {"test": 1}
