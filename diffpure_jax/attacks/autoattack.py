@@ -45,6 +45,8 @@ class AutoAttackConfig:
     n_target_classes: int = 9
     n_queries: int = 5000
     use_largereps: bool = False
+    # The reference never places a square on the last row/column; True is the stronger variant.
+    square_cover_edges: bool = False
 
     def __post_init__(self):
         unknown = [a for a in self.attacks if a not in ATTACKS]
@@ -129,7 +131,15 @@ def run_attack(name, logits_fn, x, y, key, threat: Threat, config: AutoAttackCon
             **common,
         )
     if name == "square":
-        return square(logits_fn, x, y, key, n_queries=config.n_queries, **common)
+        return square(
+            logits_fn,
+            x,
+            y,
+            key,
+            n_queries=config.n_queries,
+            cover_edges=config.square_cover_edges,
+            **common,
+        )
     raise ValueError(f"unknown attack {name!r}")
 
 
