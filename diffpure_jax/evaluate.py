@@ -16,25 +16,39 @@ atomic rename, then its per-example records are appended to `records.jsonl` and 
 is done once its records are in that file. A rerun with the same flags skips the batches already
 done; with different flags it refuses, and nothing computed is lost. The summary (JSON and
 Markdown) is derived from the records.
+
+Devices and hosts (`diffpure_jax.sharding`). Each batch is padded to a multiple of the local
+device count (copies of its first row, distinct negative dataset indices) and split over the
+local devices; the padding rows are dropped before anything is written. With several processes
+(`jax.distributed`, one workdir on a shared filesystem), process p runs the batches b with
+b % process_count == p and appends its records to `records.p{p}.jsonl`. When all are done
+(a barrier), process 0 merges every records file into `records.jsonl`, ordered by batch as a
+single process writes it, removes the per-process files and writes the summary. Records, adv/
+and the summary do not depend on the number of devices or processes, and a run can resume with
+a different number of either: every records file of the workdir counts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import sharding
 from .attacks.autoattack import AutoAttackConfig, autoattack
 from .attacks.base import Threat, bind_index, in_threat, lp_norm
 from .attacks.pgd import pgd
 
 RECORDS = "records.jsonl"
+PROCESS_RECORDS = "records.p{}.jsonl"  # one per process in a multi-process run, merged at the end
 RUN_CONFIG = "run_config.json"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
@@ -56,11 +70,20 @@ def parse_protocols(names: Sequence[str]) -> list[tuple[str, int]]:
     return out
 
 
+@eqx.filter_jit
+def _predict_draws(logits_fn, keys, x):
+    return jax.vmap(lambda k: jnp.argmax(logits_fn(x, k), -1))(keys)
+
+
 def draw_predictions(logits_fn, x, key, n_draws: int, chunk: int = 10) -> jax.Array:
-    """(n_draws, B) predictions of n_draws independent forward passes, vmapped in chunks."""
+    """(n_draws, B) predictions of n_draws independent forward passes, vmapped in chunks.
+
+    `logits_fn` is traced as a pytree (an equinox Module's arrays stay dynamic), so batches of the
+    same shape reuse one compiled program."""
     keys = jax.random.split(key, n_draws)
-    fn = jax.jit(jax.vmap(lambda k, x: jnp.argmax(logits_fn(x, k), -1), in_axes=(0, None)))
-    return jnp.concatenate([fn(keys[i : i + chunk], x) for i in range(0, n_draws, chunk)])
+    return jnp.concatenate(
+        [_predict_draws(logits_fn, keys[i : i + chunk], x) for i in range(0, n_draws, chunk)]
+    )
 
 
 def protocol_scores(preds: jax.Array, y: jax.Array, kind: str) -> np.ndarray:
@@ -100,18 +123,51 @@ def _fsync_append(path: str, lines: list[str]) -> None:
         os.fsync(f.fileno())
 
 
+def records_path(workdir: str, process_index: int = 0, process_count: int = 1) -> str:
+    """The records file a process appends to: records.jsonl alone, records.p{p}.jsonl if several."""
+    name = RECORDS if process_count == 1 else PROCESS_RECORDS.format(process_index)
+    return os.path.join(workdir, name)
+
+
+def _record_files(workdir: str) -> list[str]:
+    parts = glob.glob(os.path.join(workdir, PROCESS_RECORDS.format("*")))
+    main = os.path.join(workdir, RECORDS)
+    return ([main] if os.path.exists(main) else []) + sorted(parts)
+
+
 def read_records(workdir: str) -> list[dict]:
-    """Complete records of a workdir (a torn last line from a kill is ignored)."""
-    path = os.path.join(workdir, RECORDS)
-    if not os.path.exists(path):
-        return []
-    records = []
-    with open(path) as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break
-            records.append(json.loads(line))
+    """Complete records of a workdir, from records.jsonl and any per-process records files, one
+    per example index (the first found). A torn last line from a kill is ignored."""
+    records, seen = [], set()
+    for path in _record_files(workdir):
+        with open(path) as f:
+            for line in f:
+                if not line.endswith("\n"):
+                    break
+                record = json.loads(line)
+                if record["index"] not in seen:
+                    seen.add(record["index"])
+                    records.append(record)
     return records
+
+
+def merge_records(workdir: str) -> None:
+    """Fold the per-process records files into records.jsonl, ordered by batch (the order a
+    single process writes), then remove them. Safe to interrupt: duplicates are ignored."""
+    parts = _record_files(workdir)
+    if not any(os.path.basename(p) != RECORDS for p in parts):
+        return
+    records = sorted(read_records(workdir), key=lambda r: r["batch"])  # stable within a batch
+    path = os.path.join(workdir, RECORDS)
+    tmp = path + ".merge.tmp"
+    with open(tmp, "w") as f:
+        f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for part in parts:
+        if os.path.basename(part) != RECORDS:
+            os.remove(part)
 
 
 def _check_run_config(workdir: str, description: dict) -> None:
@@ -129,14 +185,13 @@ def _check_run_config(workdir: str, description: dict) -> None:
             )
     else:
         os.makedirs(workdir, exist_ok=True)
-        tmp = path + ".tmp"
+        tmp = f"{path}.{os.getpid()}.tmp"  # processes of one run may write it at once
         with open(tmp, "w") as f:
             json.dump(description, f, indent=2, sort_keys=True)
         os.replace(tmp, path)
 
 
-def _truncate_torn_tail(workdir: str) -> None:
-    path = os.path.join(workdir, RECORDS)
+def _truncate_torn_tail(path: str) -> None:
     if not os.path.exists(path):
         return
     with open(path, "rb") as f:
@@ -155,54 +210,95 @@ def run_evaluation(
     workdir: str,
     progress: bool = True,
     after_batch: Callable[[int], None] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> dict:
     """Attack and evaluate (x, y) batch by batch into `workdir`, resuming where it stopped.
 
     Args:
       logits_fn: (x, key, index=None) -> logits, the defended or undefended model; the runner
-        binds each batch's dataset indices.
+        binds each batch's dataset indices and replicates its arrays over the mesh.
       x: (N, H, W, C) in [0, 1]; y: (N,); index: (N,) dataset indices (the noise follows them).
+        Every process passes the same full arrays.
       after_batch: called with the batch number after each batch is durably written (tests use it
         to simulate a kill).
-    Returns: the summary dict (also written to summary.json and summary.md).
+      mesh: the devices a batch is split over (default: `sharding.data_mesh()`, all local ones).
+    Returns: the summary dict (written to summary.json and summary.md by process 0).
     """
     _check_run_config(workdir, evaluation.description)
-    _truncate_torn_tail(workdir)
+    process, n_processes = jax.process_index(), jax.process_count()
+    own_records = records_path(workdir, process, n_processes)
+    _truncate_torn_tail(own_records)
     os.makedirs(os.path.join(workdir, "adv"), exist_ok=True)
     all_records = read_records(workdir)
     done = {r["index"] for r in all_records}
     protocols = parse_protocols(evaluation.protocols)
+    x, y, index = np.asarray(x), np.asarray(y), np.asarray(index)
+    if x.size and not (x.min() >= 0.0 and x.max() <= 1.0):
+        # Checked here: inside a multi-device program the model's own check aborts the process.
+        raise ValueError(f"images must be in [0, 1], got [{x.min()}, {x.max()}]")
+    if not len(x) == len(y) == len(index):
+        raise ValueError(f"x, y and index differ in length: {len(x)}, {len(y)}, {len(index)}")
     n = len(x)
     size = evaluation.batch_size
     batches = [(b, slice(s, min(s + size, n))) for b, s in enumerate(range(0, n, size))]
-    progress_bar = _progress(len(batches), progress)
+    mine = [batches[b] for b in sharding.process_batches(len(batches), process, n_processes)]
+    mesh = sharding.data_mesh() if mesh is None else mesh
+    logits_fn = sharding.replicate(logits_fn, mesh)
+    progress_bar = _progress(len(mine), progress, process, n_processes)
     key = jax.random.key(evaluation.seed)
-    for b, sl in batches:
+    for b, sl in mine:
         if all(int(i) in done for i in index[sl]):
             progress_bar.update(1)
             continue
         batch_key = jax.random.fold_in(key, b)
-        model = bind_index(logits_fn, index[sl])
+        # Pad to a multiple of the device count (copies of the first row, distinct negative
+        # indices) and split over the mesh; the padding rows never reach the records.
+        padded = sharding.pad_to_multiple((x[sl], y[sl]), mesh.size)
+        padded_index = sharding.pad_index(index[sl], mesh.size)
+        xb, yb, ib = sharding.shard_batch((*padded, padded_index), mesh)
+        model = bind_index(logits_fn, ib)
         records = _run_batch(
-            evaluation, protocols, model, x[sl], y[sl], index[sl], batch_key, workdir, b
+            evaluation, protocols, model, xb, yb, (x[sl], y[sl], index[sl]), batch_key, workdir, b
         )
-        _fsync_append(
-            os.path.join(workdir, RECORDS), [json.dumps(r, sort_keys=True) for r in records]
-        )
+        _fsync_append(own_records, [json.dumps(r, sort_keys=True) for r in records])
         all_records += records
         _update_progress(progress_bar, all_records)
         if after_batch is not None:
             after_batch(b)
     progress_bar.close()
-    return write_summary(workdir, evaluation)
+    if n_processes == 1:
+        merge_records(workdir)  # folds in the files of an earlier multi-process attempt, if any
+        return write_summary(workdir, evaluation)
+    sharding.barrier("diffpure_jax.evaluate: all batches written")
+    if process == 0:
+        merge_records(workdir)
+        summary = write_summary(workdir, evaluation)
+    sharding.barrier("diffpure_jax.evaluate: summary written")
+    if process != 0:
+        with open(os.path.join(workdir, SUMMARY_JSON)) as f:
+            summary = json.load(f)
+    return summary
 
 
-def _run_batch(evaluation, protocols, model, x, y, index, key, workdir, b):
+def _run_batch(evaluation, protocols, model, xb, yb, real, key, workdir, b):
+    """One batch. xb, yb: the padded, sharded batch (model bound to its padded indices);
+    real: the (x, y, index) NumPy rows of the batch; only these are checked and recorded."""
+    x, y, index = real
+    n = len(index)
     k_attack, k_protocol = jax.random.split(key)
-    x_adv, attack_preds, robust_one_draw, clean_pred = evaluation.attack(
-        model, jnp.asarray(x), jnp.asarray(y), k_attack
-    )
-    x_adv = np.asarray(x_adv)
+    x_adv, attack_preds, robust_one_draw, clean_pred = evaluation.attack(model, xb, yb, k_attack)
+    scores = {}
+    for kind, n_draws in protocols:
+        if kind == "one_draw":
+            scores["one_draw"] = robust_one_draw
+            continue
+        preds = draw_predictions(model, x_adv, jax.random.fold_in(k_protocol, n_draws), n_draws)
+        scores[f"{kind}_of_{n_draws}"] = protocol_scores(preds, yb, kind)
+    # Drop the padding rows.
+    x_adv = np.asarray(x_adv)[:n]
+    clean_pred = np.asarray(clean_pred)[:n]
+    attack_preds = {k: np.asarray(v)[:n] for k, v in attack_preds.items()}
+    scores = {k: np.asarray(v)[:n] for k, v in scores.items()}
     inside = np.asarray(in_threat(jnp.asarray(x_adv), jnp.asarray(x), evaluation.threat))
     if not inside.all():
         bad = [int(i) for i in index[~inside]]
@@ -210,22 +306,13 @@ def _run_batch(evaluation, protocols, model, x, y, index, key, workdir, b):
             f"adversarial examples of indices {bad} are outside the {evaluation.threat} ball or "
             "[0, 1]: the attack is broken; no records were written for this batch."
         )
-    scores = {}
-    for kind, n_draws in protocols:
-        if kind == "one_draw":
-            scores["one_draw"] = np.asarray(robust_one_draw)
-            continue
-        preds = draw_predictions(
-            model, jnp.asarray(x_adv), jax.random.fold_in(k_protocol, n_draws), n_draws
-        )
-        scores[f"{kind}_of_{n_draws}"] = protocol_scores(preds, jnp.asarray(y), kind)
     norms = {name: np.asarray(lp_norm(jnp.asarray(x_adv - x), name)) for name in ("Linf", "L2")}
     path = os.path.join(workdir, "adv", f"batch_{b:05d}.npz")
     tmp = path + ".tmp.npz"
     np.savez_compressed(tmp, index=index, x_adv=x_adv, y=y)
     os.replace(tmp, path)
     records = []
-    for i in range(len(index)):
+    for i in range(n):
         records.append(
             {
                 "index": int(index[i]),
@@ -309,12 +396,13 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, enabled: bool) -> Any:
+def _progress(total: int, enabled: bool, process: int = 0, n_processes: int = 1) -> Any:
     if not enabled:
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="batch", desc="evaluating", dynamic_ncols=True)
+    desc = "evaluating" if n_processes == 1 else f"evaluating (process {process}/{n_processes})"
+    return tqdm(total=total, unit="batch", desc=desc, dynamic_ncols=True)
 
 
 def _update_progress(bar, records: list[dict]) -> None:

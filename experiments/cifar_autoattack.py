@@ -8,6 +8,12 @@ Defaults follow the paper: WRN-28-10, Linf eps = 8/255, t* = 0.1 (0.075 for L2),
 adjoint gradient it used, AutoAttack `rand` (EOT 20), and 512 test images chosen by --data-seed.
 The paper reports the minimum over `rand` and `standard`, so run both. Killed and rerun with the
 same flags, a run continues where it stopped; see diffpure_jax/evaluate.py.
+
+Each batch is split over all local devices. To split the batches over several processes or hosts
+sharing the workdir, start one process per host with the same flags plus
+`--coordinator HOST:PORT --num-processes N --process-id I` (or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID; Slurm and Open MPI jobs are detected). The results do not
+depend on the number of devices or processes.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import sys
 
 import jax
 
-from diffpure_jax import DefendedClassifier, load_classifier, load_purifier, undefended
+from diffpure_jax import DefendedClassifier, load_classifier, load_purifier, sharding, undefended
 from diffpure_jax.attacks.autoattack import ATTACKS, autoattack_config
 from diffpure_jax.attacks.base import Threat
 from diffpure_jax.data import DataNotFoundError, cifar10_test
@@ -79,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workdir", default=None, help="default: workdir/cifar_<settings>")
     p.add_argument("--no-progress", action="store_true")
+    multi = p.add_argument_group("several processes (hosts); these do not change results")
+    multi.add_argument(
+        "--coordinator", default=None, help="HOST:PORT of process 0 (JAX_COORDINATOR_ADDRESS)"
+    )
+    multi.add_argument("--num-processes", type=int, default=None, help="(JAX_NUM_PROCESSES)")
+    multi.add_argument("--process-id", type=int, default=None, help="(JAX_PROCESS_ID)")
     return p
 
 
@@ -119,6 +131,7 @@ def make_attack(args, threat: Threat):
 
 def main(argv=None, after_batch=None) -> dict:
     args = build_parser().parse_args(argv)
+    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     args.eps = (
         args.eps if args.eps is not None else {"Linf": 8 / 255, "L2": 0.5, "L1": 12.0}[args.norm]
     )
@@ -157,7 +170,10 @@ def main(argv=None, after_batch=None) -> dict:
         seed=args.seed,
         description=settings(args),
     )
-    print(f"{len(x)} CIFAR-10 test images, {jax.device_count()} device(s); workdir {workdir}")
+    print(
+        f"{len(x)} CIFAR-10 test images, {jax.local_device_count()} device(s) per process, "
+        f"process {jax.process_index()} of {jax.process_count()}; workdir {workdir}"
+    )
     summary = run_evaluation(
         evaluation, model, x, y, index, workdir, not args.no_progress, after_batch
     )
