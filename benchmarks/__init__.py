@@ -1,0 +1,1 @@
+"""Benchmarks of diffpure_jax (see benchmarks/README.md)."""
