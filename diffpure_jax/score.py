@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from .sde import VPSDE
@@ -28,6 +31,70 @@ def eps_continuous_score_fn(apply_fn: Callable, sde: VPSDE | None = None) -> Sco
         return -eps / sde.std(t)[:, None, None, None]
 
     return score_fn
+
+
+SCORE_DTYPES = ("float32", "bfloat16")
+
+# flax layers whose floating inputs are cast to the compute dtype in mixed precision. Casting the
+# network's input alone is not enough: the float32 time embedding would promote every later
+# activation back to float32 (NCSN++ adds it in every residual block).
+_CAST_LAYERS = (
+    nn.Dense,
+    nn.DenseGeneral,
+    nn.Conv,
+    nn.ConvTranspose,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.BatchNorm,
+)
+
+
+def _cast_floating(tree, dtype):
+    return jax.tree.map(
+        lambda a: (
+            a.astype(dtype)
+            if isinstance(a, jax.Array | jnp.ndarray) and jnp.issubdtype(a.dtype, jnp.floating)
+            else a
+        ),
+        tree,
+    )
+
+
+def _cast_layer_inputs(dtype):
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and isinstance(context.module, _CAST_LAYERS):
+            args = _cast_floating(args, dtype)
+        return next_fun(*args, **kwargs)
+
+    return interceptor
+
+
+@dataclasses.dataclass(frozen=True)
+class LowPrecisionScoreFn:
+    """`score_fn` with its network run in `dtype` (e.g. 'bfloat16'); a hashable static function.
+
+    The network variables are cast to `dtype`, and so are the floating inputs of every flax
+    layer (Dense, Conv, GroupNorm, ...: the image and the time embedding; flax's normalisation
+    statistics stay float32 reductions). The time `t` and the state `x` handed in stay float32,
+    the noise labels and std(t) are float32, and the network's output is divided by std(t) in
+    float32: the returned score has x's dtype.
+    """
+
+    score_fn: ScoreFn
+    dtype: str
+
+    def __call__(self, params, x, t):
+        dtype = jnp.dtype(self.dtype)
+        with nn.intercept_methods(_cast_layer_inputs(dtype)):
+            score = self.score_fn(_cast_floating(params, dtype), x, t)
+        return score.astype(x.dtype)
+
+
+def with_score_dtype(score_fn: ScoreFn, dtype: str) -> ScoreFn:
+    """`score_fn` itself for 'float32', else a LowPrecisionScoreFn (see there) in `dtype`."""
+    if dtype not in SCORE_DTYPES:
+        raise ValueError(f"score_dtype must be one of {SCORE_DTYPES}, got {dtype!r}.")
+    return score_fn if dtype == "float32" else LowPrecisionScoreFn(score_fn, dtype)
 
 
 class ScoreModel(eqx.Module):
