@@ -35,7 +35,6 @@ import glob
 import json
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import equinox as eqx
 import jax
@@ -46,10 +45,11 @@ from . import sharding
 from .attacks.autoattack import AutoAttackConfig, autoattack
 from .attacks.base import Threat, bind_index, in_threat, lp_norm
 from .attacks.pgd import pgd
+from .progress import progress_bar_or_none
+from .workdir import check_run_config, truncate_torn_tail
 
 RECORDS = "records.jsonl"
 PROCESS_RECORDS = "records.p{}.jsonl"  # one per process in a multi-process run, merged at the end
-RUN_CONFIG = "run_config.json"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 
@@ -170,37 +170,6 @@ def merge_records(workdir: str) -> None:
             os.remove(part)
 
 
-def _check_run_config(workdir: str, description: dict) -> None:
-    path = os.path.join(workdir, RUN_CONFIG)
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
-        if previous != description:
-            changed = sorted(
-                k for k in set(previous) | set(description) if previous.get(k) != description.get(k)
-            )
-            raise ValueError(
-                f"{workdir} holds a run with different settings ({', '.join(changed)}); its "
-                "results are kept. Rerun with the same flags to resume, or use another --workdir."
-            )
-    else:
-        os.makedirs(workdir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"  # processes of one run may write it at once
-        with open(tmp, "w") as f:
-            json.dump(description, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-
-
-def _truncate_torn_tail(path: str) -> None:
-    if not os.path.exists(path):
-        return
-    with open(path, "rb") as f:
-        data = f.read()
-    if data and not data.endswith(b"\n"):
-        with open(path, "wb") as f:
-            f.write(data[: data.rfind(b"\n") + 1])
-
-
 def run_evaluation(
     evaluation: Evaluation,
     logits_fn,
@@ -224,10 +193,10 @@ def run_evaluation(
       mesh: the devices a batch is split over (default: `sharding.data_mesh()`, all local ones).
     Returns: the summary dict (written to summary.json and summary.md by process 0).
     """
-    _check_run_config(workdir, evaluation.description)
+    check_run_config(workdir, evaluation.description)
     process, n_processes = jax.process_index(), jax.process_count()
     own_records = records_path(workdir, process, n_processes)
-    _truncate_torn_tail(own_records)
+    truncate_torn_tail(own_records)
     os.makedirs(os.path.join(workdir, "adv"), exist_ok=True)
     all_records = read_records(workdir)
     done = {r["index"] for r in all_records}
@@ -244,7 +213,8 @@ def run_evaluation(
     mine = [batches[b] for b in sharding.process_batches(len(batches), process, n_processes)]
     mesh = sharding.data_mesh() if mesh is None else mesh
     logits_fn = sharding.replicate(logits_fn, mesh)
-    progress_bar = _progress(len(mine), progress, process, n_processes)
+    desc = "evaluating" if n_processes == 1 else f"evaluating (process {process}/{n_processes})"
+    progress_bar = progress_bar_or_none(len(mine), progress, desc, "batch")
     key = jax.random.key(evaluation.seed)
     for b, sl in mine:
         if all(int(i) in done for i in index[sl]):
@@ -383,26 +353,6 @@ def markdown_table(summary: dict) -> str:
         lines += ["", "| after attack (one draw, cumulative) | accuracy (%) |", "|---|---|"]
         lines += [f"| {a} | {v:.2f} |" for a, v in after.items()]
     return "\n".join(lines) + "\n"
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def set_postfix_str(self, s):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, enabled: bool, process: int = 0, n_processes: int = 1) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    desc = "evaluating" if n_processes == 1 else f"evaluating (process {process}/{n_processes})"
-    return tqdm(total=total, unit="batch", desc=desc, dynamic_ncols=True)
 
 
 def _update_progress(bar, records: list[dict]) -> None:

@@ -49,13 +49,12 @@ def _conv(name: str, features: int, kernel: int, stride: int, padding) -> nn.Con
     )
 
 
-def _global_avg_pool_8x8(x: jax.Array) -> jax.Array:
-    """F.avg_pool2d(x, 8) on the final 8x8 map, flattened: (B, 8, 8, C) -> (B, C)."""
-    if x.shape[1:3] != (8, 8):
-        raise ValueError(
-            f"expected an 8x8 final feature map (32x32 input), got {x.shape[1:3]}; "
-            "the CIFAR-10 WideResNets take (B, 32, 32, 3) images."
-        )
+def _global_avg_pool(x: jax.Array) -> jax.Array:
+    """Global average pool: (B, H, W, C) -> (B, C).
+
+    On the 8x8 map of a 32x32 CIFAR input this is the reference's F.avg_pool2d(x, 8); it also
+    serves other sizes (7x7 for 28x28 Fashion-MNIST).
+    """
     return jnp.mean(x, axis=(1, 2))
 
 
@@ -125,7 +124,8 @@ class WideResNet(nn.Module):
     Defaults are RobustBench's 'Standard' WRN-28-10 (no normalization). DiffPure's
     `cifar10-wrn-70-16-dropout` is `WideResNet(70, 16, drop_rate=0.3, normalize=True)`.
 
-    __call__(x, train=False): x (B, 32, 32, 3) float32 in [0, 1] -> logits (B, num_classes).
+    __call__(x, train=False): x (B, H, W, C) float32 in [0, 1] (32x32x3 for CIFAR-10) ->
+    logits (B, num_classes).
     With `normalize`, x is first mapped to (x - CIFAR10_MEAN) / CIFAR10_STD. `train=True` uses
     batch statistics (pass mutable=['batch_stats']) and, when drop_rate > 0, a 'dropout' rng.
     """
@@ -158,7 +158,7 @@ class WideResNet(nn.Module):
                 name=f"block{i + 1}",
             )(out, train)
         out = nn.relu(_batch_norm("bn1", train)(out))
-        out = _global_avg_pool_8x8(out)
+        out = _global_avg_pool(out)
         return nn.Dense(self.num_classes, name="fc")(out)
 
 
@@ -207,7 +207,8 @@ class DMWideResNet(nn.Module):
     """RobustBench `DMWideResNet(depth, width, activation_fn=Swish)` with CIFAR-10 normalization
     inside (DiffPure's `cifar10-wideresnet-70-16`). BatchNorm momentum is PyTorch's 0.01.
 
-    __call__(x, train=False): x (B, 32, 32, 3) float32 in [0, 1] -> logits (B, num_classes).
+    __call__(x, train=False): x (B, H, W, C) float32 in [0, 1] (32x32x3 for CIFAR-10) ->
+    logits (B, num_classes).
     """
 
     depth: int = 70
@@ -233,5 +234,5 @@ class DMWideResNet(nn.Module):
                 name=f"layer.{i}",
             )(out, train)
         out = swish(_batch_norm("batchnorm", train, momentum=0.99)(out))
-        out = _global_avg_pool_8x8(out)
+        out = _global_avg_pool(out)
         return nn.Dense(self.num_classes, name="logits")(out)
