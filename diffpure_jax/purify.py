@@ -78,6 +78,12 @@ class PurifyConfig:
         Measured on the reference small NCSN++ (`tests/test_mixed_precision.py`, 10 steps):
         purified images within 1.5e-3 (max abs) of float32's, classifier predictions unchanged;
         on CPU it is not faster (bfloat16 pays off on GPUs/TPUs).
+      unroll: Euler only. Run the reverse steps as straight-line code instead of a loop: the
+        `exact` gradient then rematerialises each step (jax.checkpoint, one state kept per step)
+        and the `adjoint` scan is unrolled. The values are the same (tests/test_purify.py). On
+        XLA:CPU a network VJP inside a loop is several times slower than unrolled (measured 6.3x
+        for 10 steps of the Fashion-MNIST NCSN++, benchmarks/README.md); compile time grows with
+        the step count, so use it for short solves (tens of steps) on CPU.
     """
 
     t_star: float = 0.1
@@ -90,6 +96,7 @@ class PurifyConfig:
     brownian: str = "grid"
     checkpoints: int | None = None
     score_dtype: str = "float32"
+    unroll: bool = False
 
     def __post_init__(self):
         if not 0.0 < self.t_star <= 1.0:
@@ -116,6 +123,8 @@ class PurifyConfig:
             )
         if self.forward_schedule not in ("discrete", "continuous"):
             raise ValueError("forward_schedule must be 'discrete' or 'continuous'.")
+        if self.unroll and self.solver != "euler":
+            raise ValueError("unroll=True supports solver 'euler' only.")
         if self.grad == "adjoint" and self.solver not in ("euler", "heun", "midpoint"):
             raise ValueError(
                 "grad='adjoint' supports solver 'euler' (torchsde-style adjoint) and the "
@@ -217,7 +226,9 @@ def _euler_adjoint_bwd(sde, score_fn, config, residuals, a_0):
             x_prev = x_prev + sde.diffusion(t) * path.evaluate(ts[k + 1], ts[k])
         return (x_prev, a + vjp(a)[0] * dt), None
 
-    (_, a_t), _ = jax.lax.scan(step, (x_0, a_0), jnp.arange(config.n_steps - 1, -1, -1))
+    steps = jnp.arange(config.n_steps - 1, -1, -1)
+    unroll = config.n_steps if config.unroll else 1
+    (_, a_t), _ = jax.lax.scan(step, (x_0, a_0), steps, unroll=unroll)
     zeros = functools.partial(jax.tree.map, lambda v: None)
     return zeros(params), a_t, None, zeros(path)
 
@@ -238,8 +249,29 @@ def reverse_solve(
             return _euler_adjoint_solve(sde, score_fn, config, params, x_t, ts, path)
         adjoint = diffrax.BacksolveAdjoint(solver=SOLVERS[config.solver]())
         return _diffrax_solve(sde, score_fn, config, params, x_t, ts, path, adjoint)
+    if config.unroll:
+        return _unrolled_euler(sde, score_fn, config, params, x_t, ts, path)
     adjoint = diffrax.RecursiveCheckpointAdjoint(checkpoints=config.checkpoints)
     return _diffrax_solve(sde, score_fn, config, params, x_t, ts, path, adjoint)
+
+
+def _unrolled_euler(sde, score_fn, config, params, x_t, ts, path):
+    """Euler(-Maruyama) on `ts` as straight-line code, each step rematerialised in the backward
+    pass: the same update as diffrax.Euler, y + f(t_k, y) (t_{k+1} - t_k) + g(t_k) dW_k."""
+
+    @jax.checkpoint
+    def step(y, t0, t1):
+        y_next = y + sde.reverse_drift(score_fn(params, y, t0), y, t0, config.probability_flow) * (
+            t1 - t0
+        )
+        if config.probability_flow:
+            return y_next
+        return y_next + sde.diffusion(t0) * path.evaluate(t0, t1)
+
+    y = x_t
+    for k in range(config.n_steps):
+        y = step(y, ts[k], ts[k + 1])
+    return y
 
 
 def make_path(config: PurifyConfig, keys, image_shape, dtype=jnp.float32, ts=None):

@@ -55,6 +55,7 @@ class DatasetDefaults:
     n_queries: int
     eot: int | None  # None: the attack version's own default
     n_iter: int | None
+    unroll: bool  # PurifyConfig.unroll: faster exact/adjoint gradients of short solves on CPU
     data_dir_help: str
     checkpoint_hint: str  # how to get a missing checkpoint
 
@@ -78,6 +79,13 @@ def add_attack_flags(p: argparse.ArgumentParser, d: DatasetDefaults) -> None:
     p.add_argument("--t-star", type=float, default=None, help=f"default {t_help}")
     p.add_argument("--dt", type=float, default=d.dt)
     p.add_argument("--grad", choices=["exact", "adjoint", "bpda", "blind"], default="adjoint")
+    p.add_argument(
+        "--unroll",
+        action=argparse.BooleanOptionalAction,
+        default=d.unroll,
+        help="compile the reverse steps unrolled (same values; faster gradients of short solves "
+        "on CPU, longer compiles)",
+    )
     p.add_argument("--attack", choices=["autoattack", "pgd-eot", "bpda-eot"], default="autoattack")
     p.add_argument("--version", choices=["standard", "rand", "custom"], default="rand")
     p.add_argument("--attacks", nargs="+", choices=ATTACKS, help="for --version custom")
@@ -161,7 +169,9 @@ def load_model(args, d: DatasetDefaults):
             raise SystemExit(f"error: no checkpoint at {path!r}. {d.checkpoint_hint}")
     classifier = load_classifier(args.classifier)
     if args.defense == "diffpure":
-        purifier = load_purifier(args.score, t_star=args.t_star, dt=args.dt, grad=args.grad)
+        purifier = load_purifier(
+            args.score, t_star=args.t_star, dt=args.dt, grad=args.grad, unroll=args.unroll
+        )
         return DefendedClassifier(purifier, classifier)
     return undefended(classifier)
 

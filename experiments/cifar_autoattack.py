@@ -49,6 +49,7 @@ CIFAR10 = DatasetDefaults(
     n_queries=5000,
     eot=None,
     n_iter=None,
+    unroll=False,
     data_dir_help="tensorflow-datasets data_dir",
     checkpoint_hint=(
         "Convert the official weights first (see checkpoints/README.md), e.g. "

@@ -8,11 +8,11 @@ compares, under the same Linf eps = 0.1 AutoAttack:
     diffpure      the standard WRN-16-1 behind DiffPure (t* = 0.1), AutoAttack `--version`
                   (default `rand`) through the `--grad` gradient (default `adjoint`, the paper's)
 and prints one table, each row with its protocol. The defaults are a reduced protocol sized for a
-small CPU (32 test images, dt = 1e-2, EOT 4, 20 iterations, 500 Square queries). Flags scale it to
+small CPU (32 test images, dt = 1e-2, EOT 2, 10 iterations, 500 Square queries). Flags scale it to
 the full protocol, e.g.
 
     python -m experiments.fashion_mnist_autoattack --n-examples 512 --dt 1e-3 --eot 20 \\
-        --n-iter 100 --n-queries 5000 --version rand      # and again with --version standard
+        --n-iter 100 --n-queries 5000 --no-unroll --version rand   # and with --version standard
 
 `--rows diffpure --grad exact --protocols one_draw worst_of_10 majority_of_10` runs the honest,
 exact-gradient evaluation with the stricter protocols. Every row is resumable: each has its own
@@ -50,8 +50,9 @@ FASHION_MNIST = DatasetDefaults(
     dt=1e-2,
     batch_size=32,
     n_queries=500,
-    eot=4,
-    n_iter=20,
+    eot=2,
+    n_iter=10,
+    unroll=True,
     data_dir_help="directory of the Fashion-MNIST IDX files (default /usr/share/datasets/...)",
     checkpoint_hint=(
         "The Fashion-MNIST checkpoints ship in checkpoints/; retrain one with "

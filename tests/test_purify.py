@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_gradients import gaussian_score
+from test_gradients import gaussian_score, tiny_ncsnpp_score
 
 from diffpure_jax import (
     Classifier,
@@ -32,6 +32,7 @@ CFG = PurifyConfig(t_star=0.05, dt=0.01)
         (dict(solver="rk4"), "solver must be one of"),
         (dict(brownian="pink"), "brownian must be one of"),
         (dict(grad="adjoint", solver="euler_heun"), "grad='adjoint' supports"),
+        (dict(unroll=True, solver="heun"), "unroll=True supports solver 'euler' only"),
     ],
 )
 def test_bad_config(kwargs, message):
@@ -132,3 +133,25 @@ def test_defended_classifier_modes():
     np.testing.assert_allclose(g_bpda, g_clf, rtol=1e-6)  # linear classifier: same gradient
     g_exact = jax.grad(loss, argnums=1)(defended, x)
     assert float(jnp.abs(g_exact - g_clf).max()) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "grad, probability_flow", [("exact", False), ("adjoint", False), ("exact", True)]
+)
+def test_unrolled_solve_equals_the_loop(grad, probability_flow):
+    """unroll=True changes how the steps are compiled, not the values or the gradients."""
+    score = tiny_ncsnpp_score(jnp.float32)
+    config = PurifyConfig(t_star=0.04, dt=0.01, grad=grad, probability_flow=probability_flow)
+    x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3))
+    w = jax.random.normal(jax.random.key(3), x.shape)
+    key = jax.random.key(0)
+
+    def run(cfg):
+        out, vjp = jax.vjp(lambda x: purify(score, cfg, x, key), x)
+        return out, vjp(w)[0]
+
+    out, grad_loop = run(config)
+    out_unrolled, grad_unrolled = run(dataclasses.replace(config, unroll=True))
+    np.testing.assert_allclose(out_unrolled, out, rtol=0, atol=2e-6)
+    rel = float(jnp.linalg.norm(grad_unrolled - grad_loop) / jnp.linalg.norm(grad_loop))
+    assert rel < 1e-5

@@ -74,8 +74,11 @@ def pgd_examples(loss_fn, x, y, key, threat: Threat, n_steps: int, step_size: fl
 
 
 def make_optimizer(cfg: ClassifierTraining, n_steps: int) -> optax.GradientTransformation:
-    warmup = max(cfg.warmup_steps, 1)  # the first step already moves the weights
-    schedule = optax.warmup_cosine_decay_schedule(cfg.lr / warmup, cfg.lr, warmup, n_steps)
+    # At most a tenth of the run warms up; the first step already moves the weights.
+    warmup = max(1, min(cfg.warmup_steps, n_steps // 10))
+    schedule = optax.warmup_cosine_decay_schedule(
+        cfg.lr / warmup, cfg.lr, warmup, max(n_steps, warmup + 1)
+    )
     return optax.chain(
         optax.add_decayed_weights(cfg.weight_decay),
         optax.sgd(schedule, momentum=cfg.momentum, nesterov=True),
