@@ -4,7 +4,8 @@
     python -m experiments.train_score --steps 20000 --out checkpoints/my-score
 
 Killed and rerun with the same flags, training continues from its last checkpoint in --workdir;
-a larger --steps extends a finished run. The EMA weights are exported to --out with a
+a larger --steps extends a finished run, and --steps 0 exports the latest checkpoint of a
+finished, killed or still running job without training. The EMA weights are exported to --out with a
 config.json, ready for `diffpure_jax.load_purifier(--out)`. See diffpure_jax/train/score.py.
 """
 
@@ -88,7 +89,7 @@ def main(argv=None, after_step=None) -> dict:
         after_step=after_step,
         extra_config={"command": "python -m experiments.train_score " + " ".join(argv or [])},
     )
-    print(f"score model ({args.steps} steps) saved to {args.out}")
+    print(f"score model ({config['training']['n_steps']} steps) saved to {args.out}")
     return config
 
 

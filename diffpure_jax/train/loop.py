@@ -95,8 +95,10 @@ def run_training(
 
     `state` is the freshly initialised state, a pytree with an integer "step" entry; if
     `workdir` holds a checkpoint of the same run (same `description`), training continues from
-    the latest one. `data` are arrays with a shared first axis; each step gets them indexed by
-    `batch_indices`. `after_step(step)` runs after every step (tests use it to simulate a kill).
+    the latest one (if that is already at or past n_steps, it is returned untouched: this is how
+    a finished or running job's latest state is exported). `data` are arrays with a shared first
+    axis; each step gets them indexed by `batch_indices`. `after_step(step)` runs after every
+    step (tests use it to simulate a kill).
     """
     check_run_config(workdir, description)
     manager = ocp.CheckpointManager(
@@ -108,10 +110,11 @@ def run_training(
     if latest is not None:
         state = manager.restore(latest, args=ocp.args.StandardRestore(state))
         start = int(state["step"])
-        # Steps logged after the checkpoint will be recomputed: drop them.
-        log = [line for line in read_log(workdir) if line["step"] <= start]
-        _rewrite_log(workdir, log)
-        elapsed = log[-1]["elapsed_s"] if log else 0.0
+        if start < config.n_steps:
+            # Steps logged after the checkpoint will be recomputed: drop them.
+            log = [line for line in read_log(workdir) if line["step"] <= start]
+            _rewrite_log(workdir, log)
+            elapsed = log[-1]["elapsed_s"] if log else 0.0
 
     n = len(data[0])
     key = jax.random.key(config.seed)

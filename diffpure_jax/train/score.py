@@ -154,7 +154,7 @@ def train_score(
         "input_shape": input_shape,
         "parameterization": "eps_continuous",
         "sde": dataclasses.asdict(sde),
-        "training": {**description, "n_steps": loop.n_steps, **(extra_config or {})},
+        "training": {**description, "n_steps": int(state["step"]), **(extra_config or {})},
     }
     if out_dir:
         save_variables(out_dir, {"params": jax.device_get(state["ema"])}, config)

@@ -1,0 +1,212 @@
+"""Quality checks and figures for the Fashion-MNIST models and results.
+
+    python -m experiments.fashion_mnist_report samples    # grid of samples from pure noise (PNG)
+    python -m experiments.fashion_mnist_report accuracy   # clean and purified clean accuracy
+    python -m experiments.fashion_mnist_report grid --workdir workdir/fmnist/diffpure-...
+                                                          # clean / adversarial / purified (PNG)
+    python -m experiments.fashion_mnist_report sweep --workdirs W1 W2 ...
+                                                          # clean and robust accuracy vs t* (PNG)
+
+Needs the `figures` extra (matplotlib) for the PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffpure_jax import DefendedClassifier, load_classifier, load_purifier, load_score_model
+from diffpure_jax.data import FASHION_MNIST_CLASSES, fashion_mnist_test
+from diffpure_jax.sample import sample
+
+SCORE = "checkpoints/fmnist-ncsnpp-small"
+CLASSIFIER = "checkpoints/fmnist-wrn-16-1"
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("the figures need matplotlib: pip install -e '.[figures]'") from None
+    return plt
+
+
+def image_grid(rows: list[np.ndarray], path: str, row_labels=None, titles=None) -> None:
+    """Save rows of (n, H, W, 1) images in [0, 1] as one PNG; titles: per-row lists of text."""
+    plt = _pyplot()
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.1 * n_cols, 1.25 * n_rows), squeeze=False)
+    for i, row in enumerate(rows):
+        for j in range(n_cols):
+            ax = axes[i][j]
+            ax.axis("off")
+            if j < len(row):
+                ax.imshow(np.asarray(row[j])[..., 0], cmap="gray", vmin=0, vmax=1)
+                if titles is not None:
+                    ax.set_title(titles[i][j], fontsize=6)
+        if row_labels is not None:
+            axes[i][0].text(-4, 14, row_labels[i], ha="right", va="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_samples(args) -> None:
+    score = load_score_model(args.score)
+    t0 = time.perf_counter()
+    x = jax.jit(sample, static_argnums=(2, 3))(score, jax.random.key(args.seed), args.n, args.steps)
+    x = np.asarray(x)
+    print(f"{args.n} samples, {args.steps} steps, {time.perf_counter() - t0:.0f} s")
+    cols = int(np.ceil(np.sqrt(args.n)))
+    image_grid([x[i : i + cols] for i in range(0, args.n, cols)], args.out)
+    print(f"wrote {args.out}")
+
+
+def _accuracy(predict, x, y, batch):
+    correct = 0
+    for i in range(0, len(x), batch):
+        correct += int((np.asarray(predict(x[i : i + batch], i)) == y[i : i + batch]).sum())
+    return 100.0 * correct / len(x)
+
+
+def cmd_accuracy(args) -> dict:
+    x, y, index = fashion_mnist_test(args.n, args.data_seed, args.data_dir)
+    classifier = load_classifier(args.classifier)
+    clean = _accuracy(jax.jit(lambda xb, i: classifier(xb).argmax(-1)), x, y, args.batch_size)
+    result = {"n_examples": len(x), "data_seed": args.data_seed, "clean_accuracy": clean}
+    run = jax.jit(lambda m, xb, idx: m(xb, jax.random.key(args.seed), idx).argmax(-1))
+    for t_star in args.t_star:
+        model = DefendedClassifier(load_purifier(args.score, t_star=t_star, dt=args.dt), classifier)
+
+        def predict(xb, i, model=model):
+            return run(model, xb, jnp.asarray(index[i : i + len(xb)]))
+
+        t0 = time.perf_counter()
+        acc = _accuracy(predict, x, y, args.batch_size)
+        seconds = time.perf_counter() - t0
+        result[f"purified_accuracy_t{t_star}"] = acc
+        print(
+            f"t* = {t_star}, dt = {args.dt}: purified clean accuracy {acc:.2f}% ({seconds:.0f} s)"
+        )
+    print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({**result, "dt": args.dt, "seed": args.seed}, f, indent=1)
+    return result
+
+
+def _read_summary(workdir):
+    with open(os.path.join(workdir, "summary.json")) as f:
+        return json.load(f)
+
+
+def cmd_grid(args) -> None:
+    summary = _read_summary(args.workdir)
+    s = summary["settings"]
+    adv = np.load(os.path.join(args.workdir, "adv", "batch_00000.npz"))
+    index, x_adv, y = adv["index"][: args.n], adv["x_adv"][: args.n], adv["y"][: args.n]
+    x_all, y_all, index_all = fashion_mnist_test(s["n_examples"], s["data_seed"], args.data_dir)
+    pos = {int(i): k for k, i in enumerate(index_all)}
+    x = x_all[[pos[int(i)] for i in index]]
+    classifier = load_classifier(s["classifier"])
+    purifier = load_purifier(s["score"], t_star=s["t_star"], dt=s["dt"])
+    key = jax.random.key(args.seed)
+    px = np.asarray(purifier(jnp.asarray(x), key, jnp.asarray(index)))
+    pa = np.asarray(purifier(jnp.asarray(x_adv), key, jnp.asarray(index)))
+
+    def names(images):
+        pred = np.asarray(classifier(jnp.asarray(np.clip(images, 0, 1))).argmax(-1))
+        return [
+            FASHION_MNIST_CLASSES[p] + ("" if p == t else " x")
+            for p, t in zip(pred, y, strict=True)
+        ]
+
+    rows = [x, x_adv, px, pa]
+    labels = [
+        "clean",
+        f"adversarial\n({s['norm']} {s['eps']:g})",
+        "purified\nclean",
+        "purified\nadv.",
+    ]
+    image_grid(rows, args.out, labels, [names(r) for r in rows])
+    print(f"wrote {args.out}")
+
+
+def cmd_sweep(args) -> None:
+    plt = _pyplot()
+    points = []
+    for w in args.workdirs:
+        summary = _read_summary(w)
+        t = summary["settings"]["t_star"]
+        points.append((t, summary["clean_accuracy"], summary["robust_accuracy"]))
+    points.sort()
+    ts = [p[0] for p in points]
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.plot(ts, [p[1] for p in points], "o-", label="clean (one draw)")
+    for protocol in points[0][2]:
+        ax.plot(ts, [p[2][protocol] for p in points], "s--", label=f"robust ({protocol})")
+    ax.set_xlabel("t*")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(args.title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=130)
+    print(json.dumps([{"t_star": t, "clean": c, "robust": r} for t, c, r in points], indent=1))
+    print(f"wrote {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.fashion_mnist_report", description=__doc__.splitlines()[0]
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("samples", help="samples from pure noise")
+    s.add_argument("--score", default=SCORE)
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--steps", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="experiments/results/fashion_mnist_samples.png")
+    a = sub.add_parser("accuracy", help="clean and purified clean accuracy on the test set")
+    a.add_argument("--score", default=SCORE)
+    a.add_argument("--classifier", default=CLASSIFIER)
+    a.add_argument("--n", type=int, default=10_000)
+    a.add_argument("--t-star", type=float, nargs="+", default=[0.1])
+    a.add_argument("--dt", type=float, default=1e-3)
+    a.add_argument("--batch-size", type=int, default=250)
+    a.add_argument("--data-seed", type=int, default=0)
+    a.add_argument("--data-dir", default=None)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--out", default=None, help="write the numbers as JSON")
+    g = sub.add_parser("grid", help="clean, adversarial and purified examples of an evaluation")
+    g.add_argument("--workdir", required=True)
+    g.add_argument("--n", type=int, default=8)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--data-dir", default=None)
+    g.add_argument("--out", default="experiments/results/fashion_mnist_examples.png")
+    w = sub.add_parser("sweep", help="accuracy against t* from evaluation workdirs")
+    w.add_argument("--workdirs", nargs="+", required=True)
+    w.add_argument("--title", default="DiffPure on Fashion-MNIST")
+    w.add_argument("--out", default="experiments/results/fashion_mnist_tstar_sweep.png")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    commands = {"samples": cmd_samples, "accuracy": cmd_accuracy, "grid": cmd_grid}
+    return {**commands, "sweep": cmd_sweep}[args.command](args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,63 @@
+"""The embedded default, `python -m experiments.fashion_mnist_autoattack`, at its smallest size,
+on the shipped checkpoints and the real Fashion-MNIST test set; and the shipped models' quality."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffpure_jax import load_classifier, load_purifier, load_score_model
+from diffpure_jax.data import fashion_mnist_test
+from diffpure_jax.sample import sample
+from experiments import fashion_mnist_autoattack
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CKPT = os.path.join(ROOT, "checkpoints")
+
+
+@pytest.fixture(scope="module")
+def test_subset():
+    return fashion_mnist_test(16, seed=0)  # fails with the apt-get hint if the data is missing
+
+
+def test_embedded_default_runs_at_its_smallest_size(tmp_path, capsys, test_subset):
+    argv = [
+        "--n-examples", "2", "--batch-size", "2", "--n-iter", "2", "--eot", "1",
+        "--n-queries", "5", "--dt", "0.05", "--no-progress", "--workdir", str(tmp_path),
+        "--classifier", os.path.join(CKPT, "fmnist-wrn-16-1"),
+        "--adv-classifier", os.path.join(CKPT, "fmnist-wrn-16-1-pgd"),
+        "--score", os.path.join(CKPT, "fmnist-ncsnpp-small"),
+    ]  # fmt: skip
+    table = fashion_mnist_autoattack.main(argv)
+    out = capsys.readouterr().out
+    assert table in out
+    for row in ("undefended", "adv-trained", "diffpure"):
+        assert f"| {row} |" in table
+    assert len(os.listdir(tmp_path)) == 3  # one resumable workdir per row
+    again = fashion_mnist_autoattack.main(argv)  # every row resumes from its records
+    assert again == table
+
+
+def test_shipped_classifier_is_accurate_on_a_test_subset(test_subset):
+    x, y, _ = test_subset
+    classifier = load_classifier(os.path.join(CKPT, "fmnist-wrn-16-1"))
+    assert classifier(jnp.asarray(x)).shape == (16, 10)
+    assert np.mean(np.asarray(classifier(jnp.asarray(x)).argmax(-1)) == y) >= 0.8
+
+
+def test_purified_images_stay_close_to_the_clean_ones(test_subset):
+    x, _, index = test_subset
+    purifier = load_purifier(os.path.join(CKPT, "fmnist-ncsnpp-small"), t_star=0.1, dt=0.02)
+    out = np.asarray(purifier(jnp.asarray(x[:4]), jax.random.key(0), jnp.asarray(index[:4])))
+    assert out.shape == (4, 28, 28, 1)
+    # A trained model denoises: far closer to x than the diffused input (std ~0.16 in [0, 1]).
+    assert np.sqrt(np.mean((out - x[:4]) ** 2)) < 0.12
+
+
+def test_samples_have_the_image_shape_and_range():
+    score = load_score_model(os.path.join(CKPT, "fmnist-ncsnpp-small"))
+    x = sample(score, jax.random.key(0), 2, n_steps=5)
+    assert x.shape == (2, 28, 28, 1)
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
