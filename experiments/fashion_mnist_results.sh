@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Every run behind experiments/results/fashion_mnist.md, in order. Each is resumable: rerun this
+# script after a kill and finished rows are read back from their workdirs. Reduced protocol for a
+# 2-core CPU (see the results file); FULL=1 runs the full protocol instead (a GPU is advised).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+RUN="$PY -m experiments.fashion_mnist_autoattack --no-progress"
+if [ "${FULL:-0}" = 1 ]; then
+  N="--n-examples 512 --batch-size 64"
+  N_UNDEFENDED="$N"
+  DIFF="--dt 1e-3 --no-unroll --eot 20 --n-iter 100 --n-queries 5000"
+  PGD="--dt 1e-3 --no-unroll --eot 20 --n-iter 200"
+  BPDA="--dt 1e-3 --no-unroll"
+  SWEEP="$N --eot 20 --n-iter 100 --no-unroll"
+  STEPS_SWEEP=100
+  ACC_N=10000
+else
+  N="--n-examples 32 --batch-size 32"
+  N_UNDEFENDED="--n-examples 64 --batch-size 64"
+  DIFF="--dt 1e-2 --eot 4 --n-iter 20 --n-queries 1000"
+  PGD="--dt 1e-2 --eot 4 --n-iter 20"
+  BPDA="--dt 1e-2 --eot 4 --n-iter 20"
+  SWEEP="--n-examples 16 --batch-size 16 --eot 2 --n-iter 5"
+  STEPS_SWEEP=5
+  ACC_N=1000
+fi
+
+# Quality of the shipped models (clean and purified clean accuracy, samples from noise).
+$PY -m experiments.fashion_mnist_report accuracy --n "$ACC_N" --dt 1e-3 --t-star 0.1 \
+  --out experiments/results/fashion_mnist_accuracy.json
+$PY -m experiments.fashion_mnist_report samples --n 36 --steps 1000
+
+# Undefended and PGD adversarially trained classifiers: AutoAttack standard (full strength).
+$RUN --rows undefended adv-trained $N_UNDEFENDED --n-iter 100 --n-queries 5000
+# DiffPure: AutoAttack rand with the paper's adjoint gradients, then with exact gradients.
+$RUN --rows diffpure $N $DIFF --version rand --grad adjoint
+$RUN --rows diffpure $N $DIFF --version rand --grad exact \
+  --protocols one_draw worst_of_10 majority_of_10 --workdir workdir/fmnist_exact
+# DiffPure: PGD-EOT (exact gradients) and BPDA+EOT.
+$RUN --rows diffpure $N $PGD --attack pgd-eot --grad exact \
+  --protocols one_draw worst_of_10 majority_of_10
+$RUN --rows diffpure $N $BPDA --attack bpda-eot
+# t* sweep: PGD-EOT with exact gradients, the same number of reverse steps at every t*.
+for T in 0.05 0.1 0.2 0.3; do
+  DT=$($PY -c "print($T / $STEPS_SWEEP)")
+  $RUN --rows diffpure $SWEEP --attack pgd-eot --grad exact --t-star "$T" --dt "$DT" \
+    --workdir workdir/fmnist_sweep
+done
+$PY -m experiments.fashion_mnist_report sweep --workdirs workdir/fmnist_sweep/diffpure-*
+$PY -m experiments.fashion_mnist_report grid \
+  --workdir "$(ls -d workdir/fmnist_exact/diffpure-* | head -n 1)"
