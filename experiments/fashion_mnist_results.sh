@@ -47,6 +47,7 @@ for T in 0.05 0.1 0.2 0.3; do
   $RUN --rows diffpure $SWEEP --attack pgd-eot --grad exact --t-star "$T" --dt "$DT" \
     --workdir workdir/fmnist_sweep
 done
-$PY -m experiments.fashion_mnist_report sweep --workdirs workdir/fmnist_sweep/diffpure-*
+$PY -m experiments.fashion_mnist_report sweep --workdirs workdir/fmnist_sweep/diffpure-* \
+  --title "PGD-EOT, exact grad., EOT 2, 5 iter., 16 images, 5 steps"
 $PY -m experiments.fashion_mnist_report grid \
   --workdir "$(ls -d workdir/fmnist_exact/diffpure-* | head -n 1)"
