@@ -12,7 +12,7 @@ small CPU (32 test images, dt = 1e-2, EOT 2, 10 iterations, 500 Square queries).
 the full protocol, e.g.
 
     python -m experiments.fashion_mnist_autoattack --n-examples 512 --dt 1e-3 --eot 20 \\
-        --n-iter 100 --n-queries 5000 --no-unroll --version rand   # and with --version standard
+        --n-iter 100 --n-queries 5000 --version rand   # and with --version standard
 
 `--rows diffpure --grad exact --protocols one_draw worst_of_10 majority_of_10` runs the honest,
 exact-gradient evaluation with the stricter protocols. Every row is resumable: each has its own
@@ -52,7 +52,7 @@ FASHION_MNIST = DatasetDefaults(
     n_queries=500,
     eot=2,
     n_iter=10,
-    unroll=True,
+    unroll=False,
     data_dir_help="directory of the Fashion-MNIST IDX files (default /usr/share/datasets/...)",
     checkpoint_hint=(
         "The Fashion-MNIST checkpoints ship in checkpoints/; retrain one with "

@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .conv import conv_general_dilated
+
 
 def default_init(scale: float = 1.0):
     """score_sde's DDPM init: variance scaling, fan_avg, uniform; scale 0 means 1e-10."""
@@ -53,6 +55,7 @@ def conv(features: int, size: int, name: str, init_scale: float = 1.0) -> nn.Con
         padding=((pad, pad), (pad, pad)),
         kernel_init=default_init(init_scale),
         name=name,
+        conv_general_dilated=conv_general_dilated,
     )
 
 

@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .conv import conv_general_dilated
+
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 
@@ -46,6 +48,7 @@ def _conv(name: str, features: int, kernel: int, stride: int, padding) -> nn.Con
         padding=padding,
         use_bias=False,
         name=name,
+        conv_general_dilated=conv_general_dilated,
     )
 
 
