@@ -86,7 +86,14 @@ def add_attack_flags(p: argparse.ArgumentParser, d: DatasetDefaults) -> None:
         help="compile the reverse steps unrolled (same values; faster gradients of short solves "
         "on CPU, longer compiles)",
     )
-    p.add_argument("--attack", choices=["autoattack", "pgd-eot", "bpda-eot"], default="autoattack")
+    p.add_argument(
+        "--attack",
+        choices=["autoattack", "pgd-eot", "pgd-eot-final", "bpda-eot"],
+        default="autoattack",
+        help="pgd-eot stops each example at its first success (a lucky draw can end it at a weak "
+        "point); pgd-eot-final takes every step and is judged at the last iterate, the point for "
+        "worst_of_N / majority_of_N",
+    )
     p.add_argument("--version", choices=["standard", "rand", "custom"], default="rand")
     p.add_argument("--attacks", nargs="+", choices=ATTACKS, help="for --version custom")
     p.add_argument("--eot", type=int, default=d.eot, help="EOT draws (default: the version's)")
@@ -147,6 +154,8 @@ def make_attack(args, threat: Threat):
         kwargs["n_eot"] = args.eot
     if args.n_iter is not None:
         kwargs["n_iter"] = args.n_iter
+    if args.attack == "pgd-eot-final":
+        kwargs["stop_at_success"] = False
     if args.attack == "bpda-eot":
         kwargs = {
             "n_iter": 50, "step_size": 2 / 255, "n_eot": 15, "average": "logits",

@@ -104,7 +104,12 @@ def describe(row: str, a) -> tuple[str, str]:
     if a.defense == "none":
         model = "WRN-16-1 (PGD adv. trained)" if row == "adv-trained" else "WRN-16-1"
         return model, f"AutoAttack {a.version}"
-    attack = {"autoattack": f"AutoAttack {a.version}", "pgd-eot": "PGD-EOT", "bpda-eot": "BPDA+EOT"}
+    attack = {
+        "autoattack": f"AutoAttack {a.version}",
+        "pgd-eot": "PGD-EOT",
+        "pgd-eot-final": "PGD-EOT (final iterate)",
+        "bpda-eot": "BPDA+EOT",
+    }
     eot = f", EOT {a.eot}" if a.eot and a.attack != "bpda-eot" else ""
     return f"DiffPure (t*={a.t_star}, dt={a.dt}) + WRN-16-1", f"{attack[a.attack]}{eot}, {a.grad}"
 

@@ -22,12 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffpure_jax import DefendedClassifier, load_classifier, load_purifier, load_score_model
+from diffpure_jax import load_classifier, load_purifier, load_score_model
 from diffpure_jax.data import FASHION_MNIST_CLASSES, fashion_mnist_test
 from diffpure_jax.sample import sample
 
 SCORE = "checkpoints/fmnist-ncsnpp-small"
 CLASSIFIER = "checkpoints/fmnist-wrn-16-1"
+ADV_CLASSIFIER = "checkpoints/fmnist-wrn-16-1-pgd"
 
 
 def _pyplot():
@@ -72,36 +73,61 @@ def cmd_samples(args) -> None:
     print(f"wrote {args.out}")
 
 
-def _accuracy(predict, x, y, batch):
-    correct = 0
-    for i in range(0, len(x), batch):
-        correct += int((np.asarray(predict(x[i : i + batch], i)) == y[i : i + batch]).sum())
-    return 100.0 * correct / len(x)
+def _predictions(predict, x, batch):
+    """(N,) predicted labels of predict(x_batch, start_index) over x, batch by batch."""
+    return np.concatenate(
+        [np.asarray(predict(x[i : i + batch], i)) for i in range(0, len(x), batch)]
+    )
+
+
+def _scores(pred, y) -> dict:
+    """Accuracy (%) and per-class [n, correct] of predictions against labels."""
+    return {
+        "accuracy": 100.0 * float(np.mean(pred == y)),
+        "per_class": {
+            name: [int(np.sum(y == k)), int(np.sum((pred == y) & (y == k)))]
+            for k, name in enumerate(FASHION_MNIST_CLASSES)
+        },
+    }
 
 
 def cmd_accuracy(args) -> dict:
+    """Clean and purified clean accuracy of each classifier; every classifier sees the same
+    purified images (one draw per t*), so their losses under purification compare directly."""
     x, y, index = fashion_mnist_test(args.n, args.data_seed, args.data_dir)
-    classifier = load_classifier(args.classifier)
-    clean = _accuracy(jax.jit(lambda xb, i: classifier(xb).argmax(-1)), x, y, args.batch_size)
-    result = {"n_examples": len(x), "data_seed": args.data_seed, "clean_accuracy": clean}
-    run = jax.jit(lambda m, xb, idx: m(xb, jax.random.key(args.seed), idx).argmax(-1))
+    classifiers = {path: load_classifier(path) for path in args.classifier}
+    classify = jax.jit(lambda c, xb: c(xb).argmax(-1))
+    result = {"n_examples": len(x), "data_seed": args.data_seed, "dt": args.dt, "seed": args.seed}
+    result["score"], result["classifiers"] = args.score, {}
+    for path, c in classifiers.items():
+        pred = _predictions(lambda xb, i, c=c: classify(c, xb), x, args.batch_size)
+        result["classifiers"][path] = {"clean": _scores(pred, y)}
     for t_star in args.t_star:
-        model = DefendedClassifier(load_purifier(args.score, t_star=t_star, dt=args.dt), classifier)
-
-        def predict(xb, i, model=model):
-            return run(model, xb, jnp.asarray(index[i : i + len(xb)]))
-
+        purifier = load_purifier(args.score, t_star=t_star, dt=args.dt)
+        run = jax.jit(lambda p, xb, idx: p(xb, jax.random.key(args.seed), idx))
         t0 = time.perf_counter()
-        acc = _accuracy(predict, x, y, args.batch_size)
-        seconds = time.perf_counter() - t0
-        result[f"purified_accuracy_t{t_star}"] = acc
-        print(
-            f"t* = {t_star}, dt = {args.dt}: purified clean accuracy {acc:.2f}% ({seconds:.0f} s)"
+        purified = np.concatenate(
+            [
+                np.asarray(
+                    run(purifier, x[i : i + args.batch_size], index[i : i + args.batch_size])
+                )
+                for i in range(0, len(x), args.batch_size)
+            ]
         )
+        seconds = time.perf_counter() - t0
+        for path, c in classifiers.items():
+            pred = _predictions(lambda xb, i, c=c: classify(c, xb), purified, args.batch_size)
+            scores = _scores(pred, y)
+            result["classifiers"][path][f"purified_t{t_star}"] = scores
+            clean = result["classifiers"][path]["clean"]["accuracy"]
+            print(
+                f"{path}: clean {clean:.2f}%, purified (t* = {t_star}, dt = {args.dt}, one draw) "
+                f"{scores['accuracy']:.2f}% (purification {seconds:.0f} s)"
+            )
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({**result, "dt": args.dt, "seed": args.seed}, f, indent=1)
+            json.dump(result, f, indent=1)
     return result
 
 
@@ -180,7 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="experiments/results/fashion_mnist_samples.png")
     a = sub.add_parser("accuracy", help="clean and purified clean accuracy on the test set")
     a.add_argument("--score", default=SCORE)
-    a.add_argument("--classifier", default=CLASSIFIER)
+    a.add_argument(
+        "--classifier",
+        nargs="+",
+        default=[CLASSIFIER, ADV_CLASSIFIER],
+        help="one or more classifiers, all scored on the same purified images",
+    )
     a.add_argument("--n", type=int, default=10_000)
     a.add_argument("--t-star", type=float, nargs="+", default=[0.1])
     a.add_argument("--dt", type=float, default=1e-3)

@@ -9,14 +9,14 @@ RUN="$PY -m experiments.fashion_mnist_autoattack --no-progress"
 if [ "${FULL:-0}" = 1 ]; then
   N="--n-examples 512 --batch-size 64"
   N_UNDEFENDED="$N"
-  DIFF="--dt 1e-3 --no-unroll --eot 20 --n-iter 100 --n-queries 5000"
-  PGD="--dt 1e-3 --no-unroll --eot 20 --n-iter 200"
-  BPDA="--dt 1e-3 --no-unroll"
-  SWEEP="$N --eot 20 --n-iter 100 --no-unroll"
+  DIFF="--dt 1e-3 --eot 20 --n-iter 100 --n-queries 5000"
+  PGD="--dt 1e-3 --eot 20 --n-iter 200"
+  BPDA="--dt 1e-3"
+  SWEEP="$N --eot 20 --n-iter 100"
   STEPS_SWEEP=100
   ACC_N=10000
 else
-  N="--n-examples 32 --batch-size 8"
+  N="--n-examples 32 --batch-size 16"
   N_UNDEFENDED="--n-examples 64 --batch-size 64"
   DIFF="--dt 1e-2 --eot 4 --n-iter 20 --n-queries 1000"
   PGD="--dt 1e-2 --eot 4 --n-iter 20"
@@ -34,7 +34,7 @@ $PY -m experiments.fashion_mnist_report samples --n 36 --steps 1000
 # Undefended and PGD adversarially trained classifiers: AutoAttack standard (full strength).
 $RUN --rows undefended adv-trained $N_UNDEFENDED --n-iter 100 --n-queries 5000
 # DiffPure: AutoAttack rand with the paper's adjoint gradients, then with exact gradients.
-$RUN --rows diffpure $N $DIFF --version rand --grad adjoint --batch-size 32  # (run as one batch)
+$RUN --rows diffpure $N $DIFF --version rand --grad adjoint
 $RUN --rows diffpure $N $DIFF --version rand --grad exact \
   --protocols one_draw worst_of_10 majority_of_10 --workdir workdir/fmnist_exact
 # DiffPure: PGD-EOT (exact gradients) and BPDA+EOT.

@@ -1,6 +1,7 @@
 """The embedded default, `python -m experiments.fashion_mnist_autoattack`, at its smallest size,
 on the shipped checkpoints and the real Fashion-MNIST test set; and the shipped models' quality."""
 
+import json
 import os
 
 import jax
@@ -61,3 +62,26 @@ def test_samples_have_the_image_shape_and_range():
     x = sample(score, jax.random.key(0), 2, n_steps=5)
     assert x.shape == (2, 28, 28, 1)
     assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+
+
+def test_accuracy_report_scores_every_classifier_on_the_same_purified_images(tmp_path):
+    from experiments import fashion_mnist_report
+
+    out = tmp_path / "accuracy.json"
+    classifiers = [os.path.join(CKPT, "fmnist-wrn-16-1"), os.path.join(CKPT, "fmnist-wrn-16-1-pgd")]
+    result = fashion_mnist_report.main(
+        ["accuracy", "--n", "6", "--dt", "0.05", "--batch-size", "4", "--out", str(out),
+         "--score", os.path.join(CKPT, "fmnist-ncsnpp-small"), "--classifier", *classifiers]
+    )  # fmt: skip
+    assert json.loads(out.read_text()) == result
+    x, y, _ = fashion_mnist_test(6, seed=0)
+    for path in classifiers:
+        clean = result["classifiers"][path]["clean"]
+        expected = 100.0 * np.mean(
+            np.asarray(load_classifier(path)(jnp.asarray(x)).argmax(-1)) == y
+        )
+        assert clean["accuracy"] == pytest.approx(expected)
+        for scores in (clean, result["classifiers"][path]["purified_t0.1"]):
+            counts = np.array(list(scores["per_class"].values()))
+            assert counts[:, 0].sum() == 6 and (counts[:, 1] <= counts[:, 0]).all()
+            assert scores["accuracy"] == pytest.approx(100.0 * counts[:, 1].sum() / 6)

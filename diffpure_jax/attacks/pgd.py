@@ -37,7 +37,9 @@ def _direction(grad, norm):
 
 
 @eqx.filter_jit
-def _pgd(logits_fn, x, y, key, active, threat, n_iter, step_size, n_eot, average, start, recheck):
+def _pgd(
+    logits_fn, x, y, key, active, threat, n_iter, step_size, n_eot, average, start, recheck, stop
+):
     def value_and_grad(x_cur, k):
         def total(xc):
             logits = _eot_logits(logits_fn, xc, k, n_eot)
@@ -78,12 +80,20 @@ def _pgd(logits_fn, x, y, key, active, threat, n_iter, step_size, n_eot, average
         newly = check(x_cur, mean_logits, broken, k_check)
         x_best = jnp.where(newly[:, None, None, None], x_cur, x_best)
         broken = broken | newly
-        moving = (active & ~broken)[:, None, None, None]
+        moving = (active & ~broken if stop else active)[:, None, None, None]
         x_next = project(x_cur + step_size * _direction(grad, threat.norm), x, threat)
         return jnp.where(moving, x_next, x_cur), x_best, broken
 
+    def final_step(i, x_cur):
+        grad, _ = value_and_grad(x_cur, jax.random.split(jax.random.fold_in(k_loop, i))[0])
+        x_next = project(x_cur + step_size * _direction(grad, threat.norm), x, threat)
+        return jnp.where(active[:, None, None, None], x_next, x_cur)
+
     broken0 = jnp.zeros_like(active)
-    x_cur, x_best, broken = jax.lax.fori_loop(0, n_iter, body, (x_adv, x, broken0))
+    if stop:
+        x_cur, x_best, broken = jax.lax.fori_loop(0, n_iter, body, (x_adv, x, broken0))
+    else:  # every step for every example; judged at the last iterate only
+        x_cur, x_best, broken = jax.lax.fori_loop(0, n_iter, final_step, x_adv), x, broken0
     k_last = jax.random.fold_in(k_loop, n_iter)
     mean_logits = _eot_logits(logits_fn, x_cur, k_last, n_eot).mean(0)
     newly = check(x_cur, mean_logits, broken, jax.random.fold_in(k_last, 1))
@@ -106,6 +116,7 @@ def pgd(
     average: str = "loss",
     random_start: bool = True,
     recheck_draws: int = 0,
+    stop_at_success: bool = True,
     active: jax.Array | None = None,
 ) -> AttackResult:
     """Projected gradient ascent on the cross-entropy, with EOT over `n_eot` draws per step.
@@ -119,10 +130,14 @@ def pgd(
         the mean logits, DiffPure's BPDA+EOT).
       recheck_draws: if > 0, a point that the step's averaged logits call broken only counts as
         broken if the mean logits of this many fresh draws misclassify it too.
+      stop_at_success: True: the check runs at the start point, after every step and at the
+        end, and an example stops at the first point found broken (x_adv is that point, or the
+        last iterate if it never was; fooled is that "broken" flag). With a random defense a lucky
+        draw can end it early at a weak point. False: every example takes all n_iter steps, x_adv
+        is the last iterate and fooled is the check there alone: the point to give protocols
+        that vote or take the worst of many draws.
       active: (B,) bool, examples to attack (default all); the others are returned unchanged.
-    Returns: AttackResult. x_adv is the point where the example was first found broken, or the
-      last iterate if it never was. fooled is that "broken" flag. The check runs at the start
-      point, after every step, and at the end.
+    Returns: AttackResult(x_adv, fooled), as set by stop_at_success.
     """
     if threat.norm not in ("Linf", "L2"):
         raise NotImplementedError(f"pgd supports Linf and L2, not {threat.norm}; use apgd for L1")
@@ -143,6 +158,7 @@ def pgd(
         average,
         random_start,
         recheck_draws,
+        stop_at_success,
     )
     return AttackResult(x_adv, fooled)
 
