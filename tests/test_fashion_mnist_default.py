@@ -40,6 +40,16 @@ def test_embedded_default_runs_at_its_smallest_size(tmp_path, capsys, test_subse
     again = fashion_mnist_autoattack.main(argv)  # every row resumes from its records
     assert again == table
 
+    # The report's figures read these workdirs: the example grid and the t* plot.
+    from experiments import fashion_mnist_report
+
+    (diffpure,) = [d for d in os.listdir(tmp_path) if d.startswith("diffpure-")]
+    workdir = os.path.join(tmp_path, diffpure)
+    grid, sweep = tmp_path / "grid.png", tmp_path / "sweep.png"
+    fashion_mnist_report.main(["grid", "--workdir", workdir, "--n", "2", "--out", str(grid)])
+    fashion_mnist_report.main(["sweep", "--workdirs", workdir, "--out", str(sweep)])
+    assert grid.read_bytes()[:4] == sweep.read_bytes()[:4] == b"\x89PNG"
+
 
 def test_shipped_classifier_is_accurate_on_a_test_subset(test_subset):
     x, y, _ = test_subset
