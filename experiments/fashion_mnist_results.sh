@@ -12,8 +12,9 @@ if [ "${FULL:-0}" = 1 ]; then
   DIFF="--dt 1e-3 --eot 20 --n-iter 100 --n-queries 5000"
   PGD="--dt 1e-3 --eot 20 --n-iter 200"
   BPDA="--dt 1e-3"
-  SWEEP="$N --eot 20 --n-iter 100"
+  SWEEP="$N --eot 20 --n-iter 200"
   STEPS_SWEEP=100
+  SWEEP_TITLE="PGD-EOT (final iterate), exact grad., EOT 20, 200 iter., 512 images, 100 steps"
   ACC_N=10000
 else
   N="--n-examples 32 --batch-size 16"
@@ -21,8 +22,9 @@ else
   DIFF="--dt 1e-2 --eot 4 --n-iter 20 --n-queries 1000"
   PGD="--dt 1e-2 --eot 4 --n-iter 20"
   BPDA="--dt 1e-2 --eot 4 --n-iter 20"
-  SWEEP="--n-examples 16 --batch-size 16 --eot 2 --n-iter 5"
-  STEPS_SWEEP=5
+  SWEEP="$N --eot 4 --n-iter 20"
+  STEPS_SWEEP=10
+  SWEEP_TITLE="PGD-EOT (final iterate), exact grad., EOT 4, 20 iter., 32 images, 10 steps"
   ACC_N=1000
 fi
 
@@ -37,17 +39,21 @@ $RUN --rows undefended adv-trained $N_UNDEFENDED --n-iter 100 --n-queries 5000
 $RUN --rows diffpure $N $DIFF --version rand --grad adjoint
 $RUN --rows diffpure $N $DIFF --version rand --grad exact \
   --protocols one_draw worst_of_10 majority_of_10 --workdir workdir/fmnist_exact
-# DiffPure: PGD-EOT (exact gradients) and BPDA+EOT.
+# DiffPure: PGD-EOT (exact gradients; stopping at the first success, and every step judged at
+# the last iterate) and BPDA+EOT.
 $RUN --rows diffpure $N $PGD --attack pgd-eot --grad exact \
   --protocols one_draw worst_of_10 majority_of_10
+$RUN --rows diffpure $N $PGD --attack pgd-eot-final --grad exact \
+  --protocols one_draw worst_of_10 majority_of_10
 $RUN --rows diffpure $N $BPDA --attack bpda-eot
-# t* sweep: PGD-EOT with exact gradients, the same number of reverse steps at every t*.
+# t* sweep: PGD-EOT (final iterate) with exact gradients, the same number of reverse steps at
+# every t* (so every point costs the same).
 for T in 0.05 0.1 0.2 0.3; do
   DT=$($PY -c "print($T / $STEPS_SWEEP)")
-  $RUN --rows diffpure $SWEEP --attack pgd-eot --grad exact --t-star "$T" --dt "$DT" \
-    --workdir workdir/fmnist_sweep
+  $RUN --rows diffpure $SWEEP --attack pgd-eot-final --grad exact --t-star "$T" --dt "$DT" \
+    --protocols one_draw worst_of_10 majority_of_10 --workdir workdir/fmnist_sweep
 done
 $PY -m experiments.fashion_mnist_report sweep --workdirs workdir/fmnist_sweep/diffpure-* \
-  --title "PGD-EOT, exact grad., EOT 2, 5 iter., 16 images, 5 steps"
+  --title "$SWEEP_TITLE"
 $PY -m experiments.fashion_mnist_report grid \
   --workdir "$(ls -d workdir/fmnist_exact/diffpure-* | head -n 1)"
