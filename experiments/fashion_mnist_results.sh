@@ -22,9 +22,9 @@ else
   DIFF="--dt 1e-2 --eot 4 --n-iter 20 --n-queries 1000"
   PGD="--dt 1e-2 --eot 4 --n-iter 20"
   BPDA="--dt 1e-2 --eot 4 --n-iter 20"
-  SWEEP="$N --eot 4 --n-iter 20"
+  SWEEP="$N --eot 2 --n-iter 10"
   STEPS_SWEEP=10
-  SWEEP_TITLE="PGD-EOT (final iterate), exact grad., EOT 4, 20 iter., 32 images, 10 steps"
+  SWEEP_TITLE="PGD-EOT (final iterate), exact grad., EOT 2, 10 iter., 32 images, 10 steps"
   ACC_N=1000
 fi
 
