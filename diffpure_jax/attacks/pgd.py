@@ -80,7 +80,7 @@ def _pgd(
         newly = check(x_cur, mean_logits, broken, k_check)
         x_best = jnp.where(newly[:, None, None, None], x_cur, x_best)
         broken = broken | newly
-        moving = (active & ~broken if stop else active)[:, None, None, None]
+        moving = (active & ~broken)[:, None, None, None]
         x_next = project(x_cur + step_size * _direction(grad, threat.norm), x, threat)
         return jnp.where(moving, x_next, x_cur), x_best, broken
 
