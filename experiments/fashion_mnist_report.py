@@ -73,10 +73,11 @@ def cmd_samples(args) -> None:
     print(f"wrote {args.out}")
 
 
-def _predictions(predict, x, batch):
-    """(N,) predicted labels of predict(x_batch, start_index) over x, batch by batch."""
+def _batched(fn, batch, *arrays):
+    """fn over consecutive batches of the (equally long) arrays, outputs concatenated (numpy)."""
+    n = len(arrays[0])
     return np.concatenate(
-        [np.asarray(predict(x[i : i + batch], i)) for i in range(0, len(x), batch)]
+        [np.asarray(fn(*(a[i : i + batch] for a in arrays))) for i in range(0, n, batch)]
     )
 
 
@@ -100,23 +101,16 @@ def cmd_accuracy(args) -> dict:
     result = {"n_examples": len(x), "data_seed": args.data_seed, "dt": args.dt, "seed": args.seed}
     result["score"], result["classifiers"] = args.score, {}
     for path, c in classifiers.items():
-        pred = _predictions(lambda xb, i, c=c: classify(c, xb), x, args.batch_size)
+        pred = _batched(lambda xb, c=c: classify(c, xb), args.batch_size, x)
         result["classifiers"][path] = {"clean": _scores(pred, y)}
+    purify = jax.jit(lambda p, xb, idx: p(xb, jax.random.key(args.seed), idx))
     for t_star in args.t_star:
         purifier = load_purifier(args.score, t_star=t_star, dt=args.dt)
-        run = jax.jit(lambda p, xb, idx: p(xb, jax.random.key(args.seed), idx))
         t0 = time.perf_counter()
-        purified = np.concatenate(
-            [
-                np.asarray(
-                    run(purifier, x[i : i + args.batch_size], index[i : i + args.batch_size])
-                )
-                for i in range(0, len(x), args.batch_size)
-            ]
-        )
+        purified = _batched(lambda xb, ib, p=purifier: purify(p, xb, ib), args.batch_size, x, index)
         seconds = time.perf_counter() - t0
         for path, c in classifiers.items():
-            pred = _predictions(lambda xb, i, c=c: classify(c, xb), purified, args.batch_size)
+            pred = _batched(lambda xb, c=c: classify(c, xb), args.batch_size, purified)
             scores = _scores(pred, y)
             result["classifiers"][path][f"purified_t{t_star}"] = scores
             clean = result["classifiers"][path]["clean"]["accuracy"]
