@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--adversarial-eps", type=float, default=0.0, help="PGD training eps (0: off)")
+    p.add_argument(
+        "--noise-std",
+        type=float,
+        default=0.0,
+        help="Gaussian noise augmentation on half of each batch, std in [0, 1] pixel units "
+        "(0: off; 0.16 is the noise level of t* = 0.1)",
+    )
     p.add_argument("--norm", choices=["Linf", "L2"], default=d.norm)
     p.add_argument("--pgd-steps", type=int, default=d.pgd_steps)
     p.add_argument("--n-train", type=int, default=None, help="use the first N training images")
@@ -77,6 +84,7 @@ def main(argv=None, after_step=None) -> dict:
         adversarial_eps=args.adversarial_eps,
         norm=args.norm,
         pgd_steps=args.pgd_steps,
+        noise_std=args.noise_std,
     )
     n_steps = max(1, round(args.epochs * len(x) / args.batch_size))
     loop = LoopConfig(n_steps, args.batch_size, args.seed, args.save_every)

@@ -65,10 +65,12 @@ def test_small_t_sampling_mixture():
     assert abs((t <= 0.3).mean() - 0.65) < 0.01  # 0.5 + 0.5 * 0.3
 
 
-@pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_classifier_step_lowers_the_loss_on_a_fixed_batch(eps):
+@pytest.mark.parametrize("eps,noise", [(0.0, 0.0), (0.1, 0.0), (0.0, 0.16)])
+def test_classifier_step_lowers_the_loss_on_a_fixed_batch(eps, noise):
     module = models.build_model("wideresnet", SMALL_WRN)
-    cfg = ClassifierTraining(lr=0.05, warmup_steps=1, adversarial_eps=eps, pgd_steps=2)
+    cfg = ClassifierTraining(
+        lr=0.05, warmup_steps=1, adversarial_eps=eps, pgd_steps=2, noise_std=noise
+    )
     state = clf.init_state(module, cfg, (8, 8, 1), seed=0, n_steps=100)
     step = clf.make_step(module, cfg, n_steps=100)
     x, y = images(32)
@@ -79,6 +81,15 @@ def test_classifier_step_lowers_the_loss_on_a_fixed_batch(eps):
         losses.append(float(metrics["loss"]))  # the loss before each step's update
     assert losses[1] < losses[0]  # one step lowers it
     assert losses[-1] < losses[0]
+
+
+def test_noise_augmentation_touches_half_the_batch_with_the_given_std():
+    x = jnp.full((400, 8, 8, 1), 0.5)
+    out = np.asarray(clf.add_noise(x, jax.random.key(0), 0.16))
+    changed = np.any(out != 0.5, axis=(1, 2, 3))
+    assert 150 < changed.sum() < 250  # each example with probability 1/2
+    assert np.std(out[changed] - 0.5) == pytest.approx(0.16, rel=0.05)
+    np.testing.assert_array_equal(out[~changed], 0.5)
 
 
 def test_pgd_training_examples_stay_in_the_ball_and_raise_the_loss():

@@ -4,7 +4,8 @@ SGD with Nesterov momentum, weight decay and a cosine learning rate with a linea
 crops (zero padding) and horizontal flips. With `adversarial_eps > 0`, every batch is replaced by
 PGD adversarial examples of the current model (random start in the Linf/L2 ball, `pgd_steps`
 sign/normalised steps of `pgd_step_size`, the last iterate), as Madry et al. train: the
-baseline DiffPure compares against.
+baseline DiffPure compares against. With `noise_std > 0`, a random half of every batch gets
+Gaussian noise: a classifier less reliant on the fine texture that purification resamples.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class ClassifierTraining:
     norm: str = "Linf"
     pgd_steps: int = 7
     pgd_step_size: float | None = None  # default 2.5 eps / pgd_steps (Madry et al.)
+    noise_std: float = 0.0  # Gaussian noise on a random half of each batch ([0, 1] pixel units)
 
 
 def augment(x: jax.Array, key: jax.Array, padding: int, flip: bool) -> jax.Array:
@@ -50,6 +52,14 @@ def augment(x: jax.Array, key: jax.Array, padding: int, flip: bool) -> jax.Array
     if flip:
         x = jnp.where(jax.random.bernoulli(k_flip, 0.5, (b, 1, 1, 1)), x[:, :, ::-1], x)
     return x
+
+
+def add_noise(x: jax.Array, key: jax.Array, std: float) -> jax.Array:
+    """x + N(0, std^2) on a random half of the batch (each example with probability 1/2), the
+    others unchanged; not clipped. x (B, H, W, C)."""
+    k_pick, k_noise = jax.random.split(key)
+    noisy = jax.random.bernoulli(k_pick, 0.5, (x.shape[0], 1, 1, 1))
+    return jnp.where(noisy, x + std * jax.random.normal(k_noise, x.shape, x.dtype), x)
 
 
 def pgd_examples(loss_fn, x, y, key, threat: Threat, n_steps: int, step_size: float):
@@ -116,6 +126,8 @@ def make_step(module, cfg: ClassifierTraining, n_steps: int):
         x, y = batch
         k_aug, k_pgd, k_drop = jax.random.split(key, 3)
         x = augment(x, k_aug, cfg.crop_padding, cfg.flip)
+        if cfg.noise_std > 0:
+            x = add_noise(x, jax.random.fold_in(key, 3), cfg.noise_std)
         if threat is not None:
             # The attack sees the model in training mode; its batch-statistics updates are dropped.
             def attack_loss(xa, ya):
