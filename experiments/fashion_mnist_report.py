@@ -25,6 +25,7 @@ import numpy as np
 from diffpure_jax import load_classifier, load_purifier, load_score_model
 from diffpure_jax.data import FASHION_MNIST_CLASSES, fashion_mnist_test
 from diffpure_jax.sample import sample
+from experiments.purify_train_set import PURIFIED_ROOT, purify_split
 
 SCORE = "checkpoints/fmnist-ncsnpp-small"
 CLASSIFIER = "checkpoints/fmnist-wrn-16-1"
@@ -94,29 +95,32 @@ def _scores(pred, y) -> dict:
 
 def cmd_accuracy(args) -> dict:
     """Clean and purified clean accuracy of each classifier; every classifier sees the same
-    purified images (one draw per t*), so their losses under purification compare directly."""
-    x, y, index = fashion_mnist_test(args.n, args.data_seed, args.data_dir)
+    purified images (one draw per t*), so their losses under purification compare directly.
+    The purified images are kept (and resumed) under --purified-root (`purify_train_set`)."""
     classifiers = {path: load_classifier(path) for path in args.classifier}
     classify = jax.jit(lambda c, xb: c(xb).argmax(-1))
-    result = {"n_examples": len(x), "data_seed": args.data_seed, "dt": args.dt, "seed": args.seed}
-    result["score"], result["classifiers"] = args.score, {}
-    for path, c in classifiers.items():
-        pred = _batched(lambda xb, c=c: classify(c, xb), args.batch_size, x)
-        result["classifiers"][path] = {"clean": _scores(pred, y)}
-    purify = jax.jit(lambda p, xb, idx: p(xb, jax.random.key(args.seed), idx))
+    result = {"n_examples": None, "data_seed": args.data_seed, "dt": args.dt, "seed": args.seed}
+    result["score"], result["classifiers"] = args.score, {c: {} for c in classifiers}
     for t_star in args.t_star:
-        purifier = load_purifier(args.score, t_star=t_star, dt=args.dt)
         t0 = time.perf_counter()
-        purified = _batched(lambda xb, ib, p=purifier: purify(p, xb, ib), args.batch_size, x, index)
+        x, y, _, purified = purify_split(
+            args.score, "test", args.n, args.data_seed, t_star, args.dt, args.seed,
+            args.batch_size, data_dir=args.data_dir, progress=not args.no_progress,
+            root=args.purified_root,
+        )  # fmt: skip
         seconds = time.perf_counter() - t0
+        result["n_examples"] = len(x)
         for path, c in classifiers.items():
+            scores = result["classifiers"][path]
+            if "clean" not in scores:
+                pred = _batched(lambda xb, c=c: classify(c, xb), args.batch_size, x)
+                scores["clean"] = _scores(pred, y)
             pred = _batched(lambda xb, c=c: classify(c, xb), args.batch_size, purified)
-            scores = _scores(pred, y)
-            result["classifiers"][path][f"purified_t{t_star}"] = scores
-            clean = result["classifiers"][path]["clean"]["accuracy"]
+            scores[f"purified_t{t_star}"] = _scores(pred, y)
             print(
-                f"{path}: clean {clean:.2f}%, purified (t* = {t_star}, dt = {args.dt}, one draw) "
-                f"{scores['accuracy']:.2f}% (purification {seconds:.0f} s)"
+                f"{path}: clean {scores['clean']['accuracy']:.2f}%, purified (t* = {t_star}, "
+                f"dt = {args.dt}, one draw) {scores[f'purified_t{t_star}']['accuracy']:.2f}% "
+                f"(purification {seconds:.0f} s)"
             )
     print(json.dumps(result, indent=1))
     if args.out:
@@ -209,7 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--n", type=int, default=10_000)
     a.add_argument("--t-star", type=float, nargs="+", default=[0.1])
     a.add_argument("--dt", type=float, default=1e-3)
-    a.add_argument("--batch-size", type=int, default=250)
+    a.add_argument("--batch-size", type=int, default=200, help="also the size of a kept chunk")
+    a.add_argument("--no-progress", action="store_true")
+    a.add_argument(
+        "--purified-root",
+        default=PURIFIED_ROOT,
+        help="where the purified test images are kept (a rerun reads them back)",
+    )
     a.add_argument("--data-seed", type=int, default=0)
     a.add_argument("--data-dir", default=None)
     a.add_argument("--seed", type=int, default=0)

@@ -3,6 +3,9 @@
     python -m experiments.train_classifier                          # checkpoints/fmnist-wrn-16-1
     python -m experiments.train_classifier --adversarial-eps 0.1 \\
         --out checkpoints/fmnist-wrn-16-1-pgd                       # the adversarial baseline
+    python -m experiments.train_classifier --init-from checkpoints/fmnist-wrn-16-1 \\
+        --purified workdirs/purified/fmnist-train-t0.1 --purified-prob 1 --epochs 3 --lr 0.01 \\
+        --out checkpoints/fmnist-wrn-16-1-pa                         # purification-aware
 
 Killed and rerun with the same flags, training continues from its last checkpoint in --workdir.
 The final weights are exported to --out with a config.json (test accuracy included), ready for
@@ -19,10 +22,11 @@ import sys
 import jax
 import numpy as np
 
-from diffpure_jax import models
-from diffpure_jax.checkpoint import save_variables
+from diffpure_jax import load_classifier, models
+from diffpure_jax.checkpoint import read_config, save_variables
 from diffpure_jax.data import DataNotFoundError, as_arrays, fashion_mnist_source
 from diffpure_jax.train import ClassifierTraining, LoopConfig, train_classifier
+from diffpure_jax.train.purified import load_purified, with_purified
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="Gaussian noise augmentation on half of each batch, std in [0, 1] pixel units "
         "(0: off; 0.16 is the noise level of t* = 0.1)",
     )
+    p.add_argument(
+        "--init-from", default=None, help="fine-tune this classifier checkpoint (same architecture)"
+    )
+    p.add_argument(
+        "--purified",
+        default=None,
+        help="workdir of purified training images (experiments.purify_train_set)",
+    )
+    p.add_argument(
+        "--purified-prob",
+        type=float,
+        default=1.0,
+        help="with --purified: chance that an image with a purified copy is shown purified",
+    )
     p.add_argument("--norm", choices=["Linf", "L2"], default=d.norm)
     p.add_argument("--pgd-steps", type=int, default=d.pgd_steps)
     p.add_argument("--n-train", type=int, default=None, help="use the first N training images")
@@ -64,6 +82,17 @@ def test_accuracy(module_apply, variables, x: np.ndarray, y: np.ndarray, batch: 
         for i in range(0, len(x), batch)
     )
     return 100.0 * correct / len(x)
+
+
+def _initial_variables(directory: str, kwargs: dict) -> dict:
+    """The variables of the classifier at `directory`, which must be a WideResNet like `kwargs`."""
+    config = read_config(directory)
+    if config.get("architecture") != "wideresnet" or config.get("kwargs") != kwargs:
+        raise SystemExit(
+            f"--init-from {directory} is a {config.get('architecture')} {config.get('kwargs')}; "
+            f"pass --depth/--widen-factor to match it (now {kwargs})"
+        )
+    return load_classifier(directory).variables
 
 
 def main(argv=None, after_step=None) -> dict:
@@ -85,6 +114,7 @@ def main(argv=None, after_step=None) -> dict:
         norm=args.norm,
         pgd_steps=args.pgd_steps,
         noise_std=args.noise_std,
+        purified_prob=args.purified_prob if args.purified else 0.0,
     )
     n_steps = max(1, round(args.epochs * len(x) / args.batch_size))
     loop = LoopConfig(n_steps, args.batch_size, args.seed, args.save_every)
@@ -93,8 +123,30 @@ def main(argv=None, after_step=None) -> dict:
     )
     kwargs = {"depth": args.depth, "widen_factor": args.widen_factor, "num_classes": 10}
     module = models.build_model("wideresnet", kwargs)
+    purified, init_variables, provenance = None, None, {}
+    if args.purified:
+        index, x_purified = load_purified(args.purified)
+        if index.max() >= len(x):
+            raise SystemExit(f"{args.purified} holds images beyond the {len(x)} training images")
+        purified = with_purified(x, index, x_purified)
+        provenance.update(purified=args.purified, n_purified=len(index))
+    if args.init_from:
+        init_variables = _initial_variables(args.init_from, kwargs)
+        provenance["init_from"] = args.init_from
     config, variables = train_classifier(
-        x, y, None, workdir, "wideresnet", kwargs, loop, cfg, not args.no_progress, after_step
+        x,
+        y,
+        None,
+        workdir,
+        "wideresnet",
+        kwargs,
+        loop,
+        cfg,
+        not args.no_progress,
+        after_step,
+        purified=purified,
+        init_variables=init_variables,
+        provenance=provenance,
     )
     accuracy = test_accuracy(module.apply, variables, x_test, y_test)
     config["training"]["command"] = "python -m experiments.train_classifier " + " ".join(argv or [])

@@ -81,6 +81,7 @@ def test_accuracy_report_scores_every_classifier_on_the_same_purified_images(tmp
     classifiers = [os.path.join(CKPT, "fmnist-wrn-16-1"), os.path.join(CKPT, "fmnist-wrn-16-1-pgd")]
     result = fashion_mnist_report.main(
         ["accuracy", "--n", "6", "--dt", "0.05", "--batch-size", "4", "--out", str(out),
+         "--no-progress", "--purified-root", str(tmp_path / "purified"),
          "--score", os.path.join(CKPT, "fmnist-ncsnpp-small"), "--classifier", *classifiers]
     )  # fmt: skip
     assert json.loads(out.read_text()) == result
@@ -95,3 +96,10 @@ def test_accuracy_report_scores_every_classifier_on_the_same_purified_images(tmp
             counts = np.array(list(scores["per_class"].values()))
             assert counts[:, 0].sum() == 6 and (counts[:, 1] <= counts[:, 0]).all()
             assert scores["accuracy"] == pytest.approx(100.0 * counts[:, 1].sum() / 6)
+    # The purified images were kept: a rerun reads them back and gives the same numbers.
+    assert len(list((tmp_path / "purified").glob("*/chunk_*.npz"))) == 2
+    assert fashion_mnist_report.main(
+        ["accuracy", "--n", "6", "--dt", "0.05", "--batch-size", "4", "--no-progress",
+         "--purified-root", str(tmp_path / "purified"),
+         "--score", os.path.join(CKPT, "fmnist-ncsnpp-small"), "--classifier", *classifiers]
+    ) == result  # fmt: skip

@@ -6,6 +6,10 @@ PGD adversarial examples of the current model (random start in the Linf/L2 ball,
 sign/normalised steps of `pgd_step_size`, the last iterate), as Madry et al. train: the
 baseline DiffPure compares against. With `noise_std > 0`, a random half of every batch gets
 Gaussian noise: a classifier less reliant on the fine texture that purification resamples.
+With `purified_prob > 0`, the data carry a purified copy of some training images
+(`train/purified.py`) and each of those is shown purified with that probability (before the crop
+and flip): a purification-aware classifier. `init_variables` starts from a trained classifier
+(fine-tuning) instead of a random initialisation.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class ClassifierTraining:
     pgd_steps: int = 7
     pgd_step_size: float | None = None  # default 2.5 eps / pgd_steps (Madry et al.)
     noise_std: float = 0.0  # Gaussian noise on a random half of each batch ([0, 1] pixel units)
+    purified_prob: float = 0.0  # chance that an image with a purified copy is shown purified
 
 
 def augment(x: jax.Array, key: jax.Array, padding: int, flip: bool) -> jax.Array:
@@ -95,8 +100,18 @@ def make_optimizer(cfg: ClassifierTraining, n_steps: int) -> optax.GradientTrans
     )
 
 
-def init_state(module, cfg: ClassifierTraining, input_shape, seed: int, n_steps: int) -> dict:
-    variables = module.init(jax.random.key(seed), jnp.zeros((1, *input_shape)))
+def use_purified(x, x_purified, has_purified, key, prob: float):
+    """x with each example that has a purified copy (has_purified (B,) bool) replaced by that
+    copy with probability prob; x, x_purified (B, H, W, C)."""
+    pick = has_purified & jax.random.bernoulli(key, prob, has_purified.shape)
+    return jnp.where(pick[:, None, None, None], x_purified, x)
+
+
+def init_state(
+    module, cfg: ClassifierTraining, input_shape, seed: int, n_steps: int, init_variables=None
+) -> dict:
+    """The training state; from `init_variables` ({"params", "batch_stats"}) when given."""
+    variables = init_variables or module.init(jax.random.key(seed), jnp.zeros((1, *input_shape)))
     params = variables["params"]
     return {
         "step": jnp.zeros((), jnp.int32),
@@ -107,7 +122,8 @@ def init_state(module, cfg: ClassifierTraining, input_shape, seed: int, n_steps:
 
 
 def make_step(module, cfg: ClassifierTraining, n_steps: int):
-    """The jitted step (state, (x, y), key) -> (state, {"loss", "accuracy"})."""
+    """The jitted step (state, batch, key) -> (state, {"loss", "accuracy"}); batch is (x, y), or
+    (x, y, x_purified, has_purified) when cfg.purified_prob > 0."""
     optimizer = make_optimizer(cfg, n_steps)
     threat = Threat(cfg.norm, cfg.adversarial_eps) if cfg.adversarial_eps > 0 else None
     step_size = cfg.pgd_step_size or 2.5 * cfg.adversarial_eps / max(cfg.pgd_steps, 1)
@@ -123,8 +139,10 @@ def make_step(module, cfg: ClassifierTraining, n_steps: int):
 
     @jax.jit
     def step(state, batch, key):
-        x, y = batch
+        x, y = batch[:2]
         k_aug, k_pgd, k_drop = jax.random.split(key, 3)
+        if cfg.purified_prob > 0:
+            x = use_purified(x, *batch[2:], jax.random.fold_in(key, 4), cfg.purified_prob)
         x = augment(x, k_aug, cfg.crop_padding, cfg.flip)
         if cfg.noise_std > 0:
             x = add_noise(x, jax.random.fold_in(key, 3), cfg.noise_std)
@@ -168,12 +186,22 @@ def train_classifier(
     progress: bool = True,
     after_step=None,
     extra_config: dict | None = None,
+    purified: tuple[np.ndarray, np.ndarray] | None = None,
+    init_variables: dict | None = None,
+    provenance: dict | None = None,
 ) -> tuple[dict, dict]:
     """Train `architecture(**model_kwargs)` on x_train (N, H, W, C) in [0, 1], y_train (N,).
 
+    `purified` is (x_purified (N, H, W, C), has_purified (N,) bool), aligned with x_train
+    (`train.purified.with_purified`); it is needed when cfg.purified_prob > 0. `init_variables`
+    ({"params", "batch_stats"} of the same architecture) fine-tunes a trained classifier.
+    `provenance` (where the initial variables and the purified copies come from) joins the run's
+    description: a rerun from other sources refuses to resume.
     Resumes from `workdir` when it holds the same run; exports to `out_dir` (if given).
     Returns (the exported config.json dict, the final variables).
     """
+    if (cfg.purified_prob > 0) != (purified is not None):
+        raise ValueError("purified_prob > 0 needs purified copies of the data, and only then")
     input_shape = list(x_train.shape[1:])
     module = models.build_model(architecture, model_kwargs)
     description = {
@@ -184,12 +212,13 @@ def train_classifier(
         "training": dataclasses.asdict(cfg),
         "n_train": len(x_train),
         "input_shape": input_shape,
+        **({"provenance": provenance} if provenance else {}),
     }
-    state = init_state(module, cfg, input_shape, loop.seed, loop.n_steps)
+    state = init_state(module, cfg, input_shape, loop.seed, loop.n_steps, init_variables)
     state = run_training(
         state,
         make_step(module, cfg, loop.n_steps),
-        (x_train, y_train),
+        (x_train, y_train) + (tuple(purified) if purified is not None else ()),
         loop,
         workdir,
         description,
