@@ -101,9 +101,9 @@ def row_workdir(root: str, row: str, a) -> str:
 
 
 def describe(row: str, a) -> tuple[str, str]:
+    classifier = os.path.basename(os.path.normpath(a.classifier))  # e.g. fmnist-wrn-16-1-pgd
     if a.defense == "none":
-        model = "WRN-16-1 (PGD adv. trained)" if row == "adv-trained" else "WRN-16-1"
-        return model, f"AutoAttack {a.version}"
+        return classifier, f"AutoAttack {a.version}"
     attack = {
         "autoattack": f"AutoAttack {a.version}",
         "pgd-eot": "PGD-EOT",
@@ -111,7 +111,8 @@ def describe(row: str, a) -> tuple[str, str]:
         "bpda-eot": "BPDA+EOT",
     }
     eot = f", EOT {a.eot}" if a.eot and a.attack != "bpda-eot" else ""
-    return f"DiffPure (t*={a.t_star}, dt={a.dt}) + WRN-16-1", f"{attack[a.attack]}{eot}, {a.grad}"
+    model = f"DiffPure (t*={a.t_star}, dt={a.dt}) + {classifier}"
+    return model, f"{attack[a.attack]}{eot}, {a.grad}"
 
 
 def comparison_table(rows: list[tuple[str, object, dict]]) -> str:

@@ -2,6 +2,7 @@
 
     python -m experiments.fashion_mnist_report samples    # grid of samples from pure noise (PNG)
     python -m experiments.fashion_mnist_report accuracy   # clean and purified clean accuracy
+    python -m experiments.fashion_mnist_report diffused   # accuracy on diffused images x_t*
     python -m experiments.fashion_mnist_report grid --workdir workdir/fmnist/diffpure-...
                                                           # clean / adversarial / purified (PNG)
     python -m experiments.fashion_mnist_report sweep --workdirs W1 W2 ...
@@ -22,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffpure_jax import load_classifier, load_purifier, load_score_model
+from diffpure_jax import load_classifier, load_purifier, load_score_model, noise
 from diffpure_jax.data import FASHION_MNIST_CLASSES, fashion_mnist_test
 from diffpure_jax.sample import sample
+from diffpure_jax.sde import VPSDE
 from experiments.purify_train_set import PURIFIED_ROOT, purify_split
 
 SCORE = "checkpoints/fmnist-ncsnpp-small"
@@ -129,6 +131,50 @@ def cmd_accuracy(args) -> dict:
     return result
 
 
+def cmd_diffused(args) -> dict:
+    """How much of the label survives the forward diffusion: each classifier on x_t* (the
+    diffused test images the reverse solve starts from, with the noise purification draws for
+    --seed) and on clean images. Reports the accuracy and the mean probability of the true class.
+
+    For a classifier trained on x_t* (`train_classifier --diffuse-t-star`), its probabilities
+    estimate the posterior p(y | x_t*). A purifier that samples x_0 from p(x_0 | x_t*) exactly,
+    followed by a classifier that labels clean images perfectly, is right with probability
+    p(y | x_t*) for each image: the mean true-class probability estimates the best one-draw
+    purified accuracy at this t* (under-estimating it where the classifier is less sure than
+    the true posterior).
+    """
+    x, y, index = fashion_mnist_test(args.n, args.data_seed, args.data_dir)
+    sde = VPSDE()
+
+    @jax.jit
+    def diffused(xb, ib):
+        keys = noise.example_keys(jax.random.key(args.seed), ib)
+        eps = noise.forward_noise(keys, xb.shape[1:], xb.dtype)
+        return (sde.diffuse(2.0 * xb - 1.0, eps, args.t_star) + 1.0) / 2.0
+
+    x_t = _batched(diffused, args.batch_size, x, index)
+    probs = jax.jit(lambda c, xb: jax.nn.softmax(c(xb), -1))
+    result = {"n_examples": len(x), "t_star": args.t_star, "seed": args.seed, "classifiers": {}}
+    for path in args.classifier:
+        c = load_classifier(path)
+        scores = {}
+        for name, images in (("clean", x), (f"diffused_t{args.t_star}", x_t)):
+            p = _batched(lambda xb, c=c: probs(c, xb), args.batch_size, images)
+            scores[name] = {
+                **_scores(p.argmax(-1), y),
+                "mean_true_class_probability": 100.0 * float(np.mean(p[np.arange(len(y)), y])),
+            }
+            print(
+                f"{path}: {name} accuracy {scores[name]['accuracy']:.2f}%, mean true-class "
+                f"probability {scores[name]['mean_true_class_probability']:.2f}%"
+            )
+        result["classifiers"][path] = scores
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
 def _read_summary(workdir):
     with open(os.path.join(workdir, "summary.json")) as f:
         return json.load(f)
@@ -224,6 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--data-dir", default=None)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", default=None, help="write the numbers as JSON")
+    d = sub.add_parser("diffused", help="accuracy on forward-diffused test images x_t*")
+    d.add_argument("--classifier", nargs="+", default=[CLASSIFIER])
+    d.add_argument("--n", type=int, default=10_000)
+    d.add_argument("--t-star", type=float, default=0.1)
+    d.add_argument("--batch-size", type=int, default=500)
+    d.add_argument("--data-seed", type=int, default=0)
+    d.add_argument("--data-dir", default=None)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", default=None, help="write the numbers as JSON")
     g = sub.add_parser("grid", help="clean, adversarial and purified examples of an evaluation")
     g.add_argument("--workdir", required=True)
     g.add_argument("--n", type=int, default=8)
@@ -239,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    commands = {"samples": cmd_samples, "accuracy": cmd_accuracy, "grid": cmd_grid}
-    return {**commands, "sweep": cmd_sweep}[args.command](args)
+    commands = {"samples": cmd_samples, "accuracy": cmd_accuracy, "diffused": cmd_diffused}
+    return {**commands, "grid": cmd_grid, "sweep": cmd_sweep}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(0: off; 0.16 is the noise level of t* = 0.1)",
     )
     p.add_argument(
+        "--diffuse-t-star",
+        type=float,
+        default=0.0,
+        help="train on images forward-diffused to this t* (0: off); a diagnostic classifier",
+    )
+    p.add_argument(
         "--init-from", default=None, help="fine-tune this classifier checkpoint (same architecture)"
     )
     p.add_argument(
@@ -115,6 +121,7 @@ def main(argv=None, after_step=None) -> dict:
         pgd_steps=args.pgd_steps,
         noise_std=args.noise_std,
         purified_prob=args.purified_prob if args.purified else 0.0,
+        diffuse_t_star=args.diffuse_t_star,
     )
     n_steps = max(1, round(args.epochs * len(x) / args.batch_size))
     loop = LoopConfig(n_steps, args.batch_size, args.seed, args.save_every)

@@ -103,3 +103,24 @@ def test_accuracy_report_scores_every_classifier_on_the_same_purified_images(tmp
          "--purified-root", str(tmp_path / "purified"),
          "--score", os.path.join(CKPT, "fmnist-ncsnpp-small"), "--classifier", *classifiers]
     ) == result  # fmt: skip
+
+
+def test_diffused_report_scores_classifiers_on_the_start_of_the_reverse_solve(tmp_path):
+    from experiments import fashion_mnist_report
+
+    path = os.path.join(CKPT, "fmnist-wrn-16-1")
+    out = tmp_path / "diffused.json"
+    result = fashion_mnist_report.main(
+        ["diffused", "--n", "8", "--classifier", path, "--out", str(out)]
+    )
+    assert json.loads(out.read_text()) == result
+    x, y, _ = fashion_mnist_test(8, seed=0)
+    probs = np.asarray(jax.nn.softmax(load_classifier(path)(jnp.asarray(x)), -1))
+    clean = result["classifiers"][path]["clean"]
+    assert clean["accuracy"] == pytest.approx(100.0 * np.mean(probs.argmax(-1) == y))
+    assert clean["mean_true_class_probability"] == pytest.approx(
+        100.0 * np.mean(probs[np.arange(8), y]), rel=1e-5
+    )
+    diffused = result["classifiers"][path]["diffused_t0.1"]
+    assert 0.0 <= diffused["mean_true_class_probability"] <= 100.0
+    assert diffused["mean_true_class_probability"] != clean["mean_true_class_probability"]

@@ -65,11 +65,18 @@ def test_small_t_sampling_mixture():
     assert abs((t <= 0.3).mean() - 0.65) < 0.01  # 0.5 + 0.5 * 0.3
 
 
-@pytest.mark.parametrize("eps,noise", [(0.0, 0.0), (0.1, 0.0), (0.0, 0.16)])
-def test_classifier_step_lowers_the_loss_on_a_fixed_batch(eps, noise):
+@pytest.mark.parametrize(
+    "eps,noise,diffuse", [(0.0, 0.0, 0.0), (0.1, 0.0, 0.0), (0.0, 0.16, 0.0), (0.0, 0.0, 0.1)]
+)
+def test_classifier_step_lowers_the_loss_on_a_fixed_batch(eps, noise, diffuse):
     module = models.build_model("wideresnet", SMALL_WRN)
     cfg = ClassifierTraining(
-        lr=0.05, warmup_steps=1, adversarial_eps=eps, pgd_steps=2, noise_std=noise
+        lr=0.05,
+        warmup_steps=1,
+        adversarial_eps=eps,
+        pgd_steps=2,
+        noise_std=noise,
+        diffuse_t_star=diffuse,
     )
     state = clf.init_state(module, cfg, (8, 8, 1), seed=0, n_steps=100)
     step = clf.make_step(module, cfg, n_steps=100)
@@ -90,6 +97,16 @@ def test_noise_augmentation_touches_half_the_batch_with_the_given_std():
     assert 150 < changed.sum() < 250  # each example with probability 1/2
     assert np.std(out[changed] - 0.5) == pytest.approx(0.16, rel=0.05)
     np.testing.assert_array_equal(out[~changed], 0.5)
+
+
+def test_diffused_training_images_are_the_vp_sde_marginal_at_t_star():
+    x = jnp.concatenate([jnp.zeros((2000, 4, 4, 1)), jnp.ones((2000, 4, 4, 1))])
+    out = np.asarray(clf.diffuse_images(x, jax.random.key(0), 0.1))
+    signal, noise = VPSDE().forward_coefficients(0.1)
+    assert 0.9 < signal < 0.95 and 0.3 < noise < 0.35  # alpha_bar(0.1) is about 0.9
+    for value, part in ((0.0, out[:2000]), (1.0, out[2000:])):  # in [0, 1] units
+        assert np.mean(part) == pytest.approx((signal * (2 * value - 1) + 1) / 2, abs=3e-3)
+        assert np.std(part) == pytest.approx(noise / 2, rel=0.02)
 
 
 def test_pgd_training_examples_stay_in_the_ball_and_raise_the_loss():

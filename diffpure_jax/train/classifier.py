@@ -9,7 +9,10 @@ Gaussian noise: a classifier less reliant on the fine texture that purification 
 With `purified_prob > 0`, the data carry a purified copy of some training images
 (`train/purified.py`) and each of those is shown purified with that probability (before the crop
 and flip): a purification-aware classifier. `init_variables` starts from a trained classifier
-(fine-tuning) instead of a random initialisation.
+(fine-tuning) instead of a random initialisation. With `diffuse_t_star > 0`, every image is
+replaced by its forward diffusion to t* (what the reverse solve starts from, in [0, 1] units): a
+classifier of the diffused image, which measures how much of the label survives to t*
+(`fashion_mnist_report diffused`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from .. import models
 from ..attacks.base import Threat, project
 from ..attacks.losses import cross_entropy
 from ..checkpoint import save_variables
+from ..sde import VPSDE
 from .loop import LoopConfig, run_training
 
 
@@ -42,6 +46,7 @@ class ClassifierTraining:
     pgd_step_size: float | None = None  # default 2.5 eps / pgd_steps (Madry et al.)
     noise_std: float = 0.0  # Gaussian noise on a random half of each batch ([0, 1] pixel units)
     purified_prob: float = 0.0  # chance that an image with a purified copy is shown purified
+    diffuse_t_star: float = 0.0  # > 0: train on forward-diffused images x_t* (VP-SDE, discrete)
 
 
 def augment(x: jax.Array, key: jax.Array, padding: int, flip: bool) -> jax.Array:
@@ -100,6 +105,13 @@ def make_optimizer(cfg: ClassifierTraining, n_steps: int) -> optax.GradientTrans
     )
 
 
+def diffuse_images(x: jax.Array, key: jax.Array, t_star: float) -> jax.Array:
+    """The forward diffusion of x (B, H, W, C) in [0, 1] to t* (DiffPure's discrete VP-SDE
+    schedule), mapped back to [0, 1] units and not clipped: the input of the reverse solve."""
+    eps = jax.random.normal(key, x.shape, x.dtype)
+    return (VPSDE().diffuse(2.0 * x - 1.0, eps, t_star) + 1.0) / 2.0
+
+
 def use_purified(x, x_purified, has_purified, key, prob: float):
     """x with each example that has a purified copy (has_purified (B,) bool) replaced by that
     copy with probability prob; x, x_purified (B, H, W, C)."""
@@ -146,6 +158,8 @@ def make_step(module, cfg: ClassifierTraining, n_steps: int):
         x = augment(x, k_aug, cfg.crop_padding, cfg.flip)
         if cfg.noise_std > 0:
             x = add_noise(x, jax.random.fold_in(key, 3), cfg.noise_std)
+        if cfg.diffuse_t_star > 0:
+            x = diffuse_images(x, jax.random.fold_in(key, 5), cfg.diffuse_t_star)
         if threat is not None:
             # The attack sees the model in training mode; its batch-statistics updates are dropped.
             def attack_loss(xa, ya):
