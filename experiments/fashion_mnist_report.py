@@ -134,14 +134,12 @@ def cmd_accuracy(args) -> dict:
 def cmd_diffused(args) -> dict:
     """How much of the label survives the forward diffusion: each classifier on x_t* (the
     diffused test images the reverse solve starts from, with the noise purification draws for
-    --seed) and on clean images. Reports the accuracy and the mean probability of the true class.
+    --seed) and on clean images; the accuracy and the mean probability of the true class.
 
-    For a classifier trained on x_t* (`train_classifier --diffuse-t-star`), its probabilities
-    estimate the posterior p(y | x_t*). A purifier that samples x_0 from p(x_0 | x_t*) exactly,
-    followed by a classifier that labels clean images perfectly, is right with probability
-    p(y | x_t*) for each image: the mean true-class probability estimates the best one-draw
-    purified accuracy at this t* (under-estimating it where the classifier is less sure than
-    the true posterior).
+    Purification is a random function of x_t*, so a classifier behind it is a classifier of x_t*:
+    no purifier can make one-draw purified accuracy exceed the best accuracy attainable on x_t*.
+    A classifier trained on x_t* (`train_classifier --diffuse-t-star`) gives a lower estimate of
+    that ceiling, to hold the purified accuracy against.
     """
     x, y, index = fashion_mnist_test(args.n, args.data_seed, args.data_dir)
     sde = VPSDE()

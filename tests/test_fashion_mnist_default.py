@@ -12,6 +12,7 @@ import pytest
 from diffpure_jax import load_classifier, load_purifier, load_score_model
 from diffpure_jax.data import fashion_mnist_test
 from diffpure_jax.sample import sample
+from diffpure_jax.train.purified import load_purified
 from experiments import fashion_mnist_autoattack
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,3 +125,29 @@ def test_diffused_report_scores_classifiers_on_the_start_of_the_reverse_solve(tm
     diffused = result["classifiers"][path]["diffused_t0.1"]
     assert 0.0 <= diffused["mean_true_class_probability"] <= 100.0
     assert diffused["mean_true_class_probability"] != clean["mean_true_class_probability"]
+
+
+def test_purification_aware_fine_tuning_from_the_command_line(tmp_path):
+    from experiments import purify_train_set, train_classifier
+
+    pool = str(tmp_path / "pool")
+    flags = ["--n", "4", "--dt", "0.05", "--chunk-size", "2", "--out", pool, "--no-progress"]
+    assert purify_train_set.main(flags) == pool
+    index, x_purified = load_purified(pool)
+    assert x_purified.shape == (4, 28, 28, 1) and len(set(index.tolist())) == 4
+
+    base = os.path.join(CKPT, "fmnist-wrn-16-1")
+    args = ["--init-from", base, "--purified", pool, "--epochs", "0.003", "--lr", "0.001"]
+    out = str(tmp_path / "pa")
+    config = train_classifier.main(
+        [*args, "--out", out, "--workdir", str(tmp_path / "w"), "--no-progress"]
+    )
+    assert config["training"]["provenance"] == {
+        "purified": pool, "n_purified": 4, "init_from": base
+    }  # fmt: skip
+    assert config["training"]["training"]["purified_prob"] == 1.0
+    assert config["test_accuracy"] > 90.0  # one small step from the shipped classifier
+    with pytest.raises(SystemExit, match="widen-factor"):
+        train_classifier.main(
+            [*args, "--widen-factor", "2", "--out", str(tmp_path / "x"), "--no-progress"]
+        )
