@@ -26,7 +26,7 @@ import numpy as np
 from diffpure_jax import load_classifier, load_purifier, load_score_model, noise
 from diffpure_jax.data import FASHION_MNIST_CLASSES, fashion_mnist_test
 from diffpure_jax.sample import sample
-from diffpure_jax.sde import VPSDE
+from diffpure_jax.train.classifier import diffuse_images
 from experiments.purify_train_set import PURIFIED_ROOT, purify_split
 
 SCORE = "checkpoints/fmnist-ncsnpp-small"
@@ -142,13 +142,12 @@ def cmd_diffused(args) -> dict:
     that ceiling, to hold the purified accuracy against.
     """
     x, y, index = fashion_mnist_test(args.n, args.data_seed, args.data_dir)
-    sde = VPSDE()
 
     @jax.jit
     def diffused(xb, ib):
         keys = noise.example_keys(jax.random.key(args.seed), ib)
         eps = noise.forward_noise(keys, xb.shape[1:], xb.dtype)
-        return (sde.diffuse(2.0 * xb - 1.0, eps, args.t_star) + 1.0) / 2.0
+        return diffuse_images(xb, eps, args.t_star)
 
     x_t = _batched(diffused, args.batch_size, x, index)
     probs = jax.jit(lambda c, xb: jax.nn.softmax(c(xb), -1))

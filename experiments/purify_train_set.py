@@ -25,8 +25,6 @@ from diffpure_jax.train.purified import purify_dataset
 # The test-set evaluations purify with seed 0; the training copies default to another seed, as
 # dataset indices overlap between the splits.
 DEFAULT_SEED = {"train": 1, "test": 0}
-
-
 PURIFIED_ROOT = "workdirs/purified"
 
 

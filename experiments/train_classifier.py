@@ -4,8 +4,8 @@
     python -m experiments.train_classifier --adversarial-eps 0.1 \\
         --out checkpoints/fmnist-wrn-16-1-pgd                       # the adversarial baseline
     python -m experiments.train_classifier --init-from checkpoints/fmnist-wrn-16-1 \\
-        --purified workdirs/purified/fmnist-train-t0.1 --purified-prob 1 --epochs 3 --lr 0.01 \\
-        --out checkpoints/fmnist-wrn-16-1-pa                         # purification-aware
+        --purified workdirs/purified/fmnist-train-t0.1-dt0.001-seed1 --purified-prob 1 \\
+        --epochs 2 --lr 0.01 --out workdirs/diag/fmnist-wrn-16-1-pa  # purification-aware
 
 Killed and rerun with the same flags, training continues from its last checkpoint in --workdir.
 The final weights are exported to --out with a config.json (test accuracy included), ready for

@@ -101,7 +101,7 @@ def test_noise_augmentation_touches_half_the_batch_with_the_given_std():
 
 def test_diffused_training_images_are_the_vp_sde_marginal_at_t_star():
     x = jnp.concatenate([jnp.zeros((2000, 4, 4, 1)), jnp.ones((2000, 4, 4, 1))])
-    out = np.asarray(clf.diffuse_images(x, jax.random.key(0), 0.1))
+    out = np.asarray(clf.diffuse_images(x, jax.random.normal(jax.random.key(0), x.shape), 0.1))
     signal, noise = VPSDE().forward_coefficients(0.1)
     assert 0.9 < signal < 0.95 and 0.3 < noise < 0.35  # alpha_bar(0.1) is about 0.9
     for value, part in ((0.0, out[:2000]), (1.0, out[2000:])):  # in [0, 1] units

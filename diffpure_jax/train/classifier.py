@@ -105,10 +105,10 @@ def make_optimizer(cfg: ClassifierTraining, n_steps: int) -> optax.GradientTrans
     )
 
 
-def diffuse_images(x: jax.Array, key: jax.Array, t_star: float) -> jax.Array:
-    """The forward diffusion of x (B, H, W, C) in [0, 1] to t* (DiffPure's discrete VP-SDE
-    schedule), mapped back to [0, 1] units and not clipped: the input of the reverse solve."""
-    eps = jax.random.normal(key, x.shape, x.dtype)
+def diffuse_images(x: jax.Array, eps: jax.Array, t_star: float) -> jax.Array:
+    """The forward diffusion of x (B, H, W, C) in [0, 1] to t* with standard normal noise eps
+    (same shape; DiffPure's discrete VP-SDE schedule), mapped back to [0, 1] units and not
+    clipped: the input of the reverse solve."""
     return (VPSDE().diffuse(2.0 * x - 1.0, eps, t_star) + 1.0) / 2.0
 
 
@@ -159,7 +159,8 @@ def make_step(module, cfg: ClassifierTraining, n_steps: int):
         if cfg.noise_std > 0:
             x = add_noise(x, jax.random.fold_in(key, 3), cfg.noise_std)
         if cfg.diffuse_t_star > 0:
-            x = diffuse_images(x, jax.random.fold_in(key, 5), cfg.diffuse_t_star)
+            eps = jax.random.normal(jax.random.fold_in(key, 5), x.shape, x.dtype)
+            x = diffuse_images(x, eps, cfg.diffuse_t_star)
         if threat is not None:
             # The attack sees the model in training mode; its batch-statistics updates are dropped.
             def attack_loss(xa, ya):

@@ -72,7 +72,12 @@ def purify_dataset(
         os.replace(path + ".tmp", path)  # a kill leaves either the whole chunk or none
         bar.update(len(xb))
     bar.close()
-    return np.concatenate([np.load(_chunk_path(workdir, s))["x"] for s in starts])
+    return np.concatenate([_read_chunk(workdir, s) for s in starts])
+
+
+def _read_chunk(workdir: str, start: int) -> np.ndarray:
+    with np.load(_chunk_path(workdir, start)) as chunk:
+        return chunk["x"]
 
 
 def _chunk_matches(workdir: str, start: int, index: np.ndarray) -> bool:
@@ -91,11 +96,12 @@ def load_purified(workdir: str) -> tuple[np.ndarray, np.ndarray]:
             f"{workdir} holds no purified chunks; make them with "
             f"`python -m experiments.purify_train_set --out {workdir}`"
         )
-    chunks = [np.load(p) for p in paths]
-    return (
-        np.concatenate([c["index"] for c in chunks]),
-        np.concatenate([c["x"] for c in chunks]),
-    )
+    index, x = [], []
+    for path in paths:
+        with np.load(path) as chunk:
+            index.append(chunk["index"])
+            x.append(chunk["x"])
+    return np.concatenate(index), np.concatenate(x)
 
 
 def with_purified(x: np.ndarray, index: np.ndarray, purified: np.ndarray):
