@@ -285,9 +285,16 @@ def make_path(config: PurifyConfig, keys, image_shape, dtype=jnp.float32, ts=Non
 
 
 def purify_with_keys(
-    score: ScoreModel, config: PurifyConfig, x: jax.Array, keys: jax.Array
+    score: ScoreModel,
+    config: PurifyConfig,
+    x: jax.Array,
+    keys: jax.Array,
+    reverse_keys: jax.Array | None = None,
 ) -> jax.Array:
-    """Purify x (N, H, W, C) in [0, 1] with one noise key per row (N,). Returns (N, H, W, C)."""
+    """Purify x (N, H, W, C) in [0, 1] with one noise key per row (N,). Returns (N, H, W, C).
+
+    reverse_keys (N,): other keys for the reverse SDE's noise only (default: keys), to draw
+    several reverse solves from the same diffused image x_t*."""
     x = check_images(x, score.image_shape)
     x_t = score.sde.diffuse(
         2.0 * x - 1.0,
@@ -296,7 +303,9 @@ def purify_with_keys(
         config.forward_schedule,
     )
     ts = jnp.asarray(config.time_grid(), x.dtype)
-    path = make_path(config, keys, x.shape[1:], x.dtype, ts)
+    path = make_path(
+        config, keys if reverse_keys is None else reverse_keys, x.shape[1:], x.dtype, ts
+    )
     score_fn = with_score_dtype(score.score_fn, config.score_dtype)
     x_0 = reverse_solve(score.sde, score_fn, config, score.variables, x_t, ts, path)
     out = (x_0 + 1.0) / 2.0

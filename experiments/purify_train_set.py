@@ -18,8 +18,9 @@ import sys
 
 import jax
 
-from diffpure_jax import load_purifier
+from diffpure_jax import load_purifier, noise
 from diffpure_jax.data import DataNotFoundError, fashion_mnist_source, subset_indices, take
+from diffpure_jax.purify import purify_with_keys
 from diffpure_jax.train.purified import purify_dataset
 
 # The test-set evaluations purify with seed 0; the training copies default to another seed, as
@@ -28,9 +29,17 @@ DEFAULT_SEED = {"train": 1, "test": 0}
 PURIFIED_ROOT = "workdirs/purified"
 
 
-def purified_dir(split: str, t_star: float, dt: float, seed: int, root: str = PURIFIED_ROOT) -> str:
+def purified_dir(
+    split: str,
+    t_star: float,
+    dt: float,
+    seed: int,
+    root: str = PURIFIED_ROOT,
+    reverse_draw: int = 0,
+) -> str:
     """Where the purified copies of a split live by default."""
-    return os.path.join(root, f"fmnist-{split}-t{t_star}-dt{dt}-seed{seed}")
+    name = f"fmnist-{split}-t{t_star}-dt{dt}-seed{seed}"
+    return os.path.join(root, name + (f"-reverse{reverse_draw}" if reverse_draw else ""))
 
 
 def purify_split(
@@ -46,10 +55,14 @@ def purify_split(
     data_dir: str | None = None,
     progress: bool = True,
     root: str = PURIFIED_ROOT,
+    reverse_draw: int = 0,
 ):
     """(x, y, index, purified): a seeded subset of n images of a Fashion-MNIST split and one
     purification of each (noise keyed by seed and dataset index), kept in `out` and resumable.
-    x and purified are (n, 28, 28, 1), y and index (n,)."""
+    x and purified are (n, 28, 28, 1), y and index (n,).
+
+    reverse_draw > 0: the same forward diffusion x_t* as draw 0, solved back with other reverse
+    noise (the reverse SDE's own randomness; `fashion_mnist_report reverse-draws`)."""
     try:
         source = fashion_mnist_source(split, data_dir)
     except DataNotFoundError as e:
@@ -59,7 +72,14 @@ def purify_split(
     x, y = take(source, index)
     purifier = load_purifier(score, t_star=t_star, dt=dt)
     key = jax.random.key(seed)
-    purify = jax.jit(lambda p, xb, ib: p(xb, key, ib))
+
+    @jax.jit
+    def purify(p, xb, ib):
+        if not reverse_draw:
+            return p(xb, key, ib)
+        keys, reverse_keys = (noise.example_keys(key, ib, d) for d in (0, reverse_draw))
+        return purify_with_keys(p.score, p.config, xb, keys, reverse_keys)
+
     description = {
         "score": score,
         "t_star": t_star,
@@ -67,12 +87,13 @@ def purify_split(
         "seed": seed,
         "data_seed": data_seed,
         "split": split,
+        **({"reverse_draw": reverse_draw} if reverse_draw else {}),
     }
     purified = purify_dataset(
         lambda xb, ib: purify(purifier, xb, ib),
         x,
         index,
-        out or purified_dir(split, t_star, dt, seed, root),
+        out or purified_dir(split, t_star, dt, seed, root, reverse_draw),
         description,
         chunk_size,
         progress,

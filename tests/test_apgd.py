@@ -275,6 +275,12 @@ def test_no_recompilation_for_same_shapes():
     other = Counting(jax.tree_util.tree_map(lambda a: a * 1.01, trained_mlp()))
     apgd(other, x2, y2, KEY, threat=threat, n_iter=10)
     assert TRACES["n"] == traced
+    # The loss is an argument, not part of the program: AutoAttack's apgd-ce and apgd-dlr (and
+    # explicit-target DLR) share one compilation, which through DiffPure's exact gradient is the
+    # bulk of an attack's start-up time.
+    apgd(model, x2, y2, KEY, threat=threat, n_iter=10, loss="dlr")
+    apgd(model, x2, y2, KEY, threat=threat, n_iter=10, loss="dlr-targeted", y_target=y2 % 9 + 1)
+    assert TRACES["n"] == traced
 
 
 def test_argument_errors(data):
@@ -288,3 +294,11 @@ def test_argument_errors(data):
         apgd(model, x, y, KEY, threat=Threat("Linf", 0.1), use_largereps=True)
     with pytest.raises(ValueError, match="classes"):
         apgd_targeted(model, x, y, KEY, threat=Threat("Linf", 0.1), n_target_classes=10)
+    # DLR needs 4 classes: on a 3-class model it fails (CE runs).
+    three = lambda x, key=None: model(x)[:, :3]  # noqa: E731
+    y3 = y % 3
+    apgd(three, x, y3, KEY, threat=Threat("Linf", 0.1), n_iter=2).fooled.block_until_ready()
+    with pytest.raises(Exception, match="at least 4 classes"):
+        apgd(
+            three, x, y3, KEY, threat=Threat("Linf", 0.1), n_iter=2, loss="dlr"
+        ).fooled.block_until_ready()

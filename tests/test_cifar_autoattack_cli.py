@@ -23,6 +23,27 @@ def random_wrn(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_score(tmp_path_factory):
+    """A small NCSN++ (nf 8, one resolution change) with random weights, saved as a checkpoint:
+    the CLI's wiring does not need the reference model, whose exact-gradient attack compiles
+    for minutes on a 2-core CPU (the converted model is tested in test_convert_cli)."""
+    kwargs = {
+        "nf": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [16],
+        "image_size": 32, "dropout": 0.0,
+    }  # fmt: skip
+    model = build_model("ncsnpp", kwargs)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,)))
+    path = str(tmp_path_factory.mktemp("ckpt") / "score")
+    config = {
+        "kind": "score", "architecture": "ncsnpp", "kwargs": kwargs,
+        "parameterization": "eps_continuous",
+        "sde": {"beta_min": 0.1, "beta_max": 20.0, "n_discrete": 1000},
+    }  # fmt: skip
+    save_variables(path, variables, {**config, "input_shape": [32, 32, 3]})
+    return path
+
+
 def test_undefended_standard_autoattack_on_mock_cifar10(random_wrn, tmp_path, capsys):
     argv = [
         "--classifier", random_wrn, "--defense", "none", "--version", "standard",
@@ -41,9 +62,9 @@ def test_undefended_standard_autoattack_on_mock_cifar10(random_wrn, tmp_path, ca
     assert "| one_draw | 6 |" in capsys.readouterr().out
 
 
-def test_defended_rand_autoattack_on_mock_cifar10(random_wrn, small_score_dir, tmp_path):
+def test_defended_rand_autoattack_on_mock_cifar10(random_wrn, tiny_score, tmp_path):
     argv = [
-        "--classifier", random_wrn, "--score", small_score_dir, "--t-star", "0.002",
+        "--classifier", random_wrn, "--score", tiny_score, "--t-star", "0.002",
         "--grad", "exact", "--version", "rand", "--eot", "2", "--n-iter", "2", "--n-examples", "2",
         "--batch-size", "2", "--workdir", str(tmp_path / "run"), "--no-progress",
         "--protocols", "one_draw", "majority_of_3",

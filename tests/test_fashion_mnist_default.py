@@ -106,6 +106,30 @@ def test_accuracy_report_scores_every_classifier_on_the_same_purified_images(tmp
     ) == result  # fmt: skip
 
 
+def test_reverse_draws_report_votes_over_reverse_solves_of_one_diffusion(tmp_path):
+    from experiments import fashion_mnist_report
+
+    classifier = os.path.join(CKPT, "fmnist-wrn-16-1")
+    common = ["--n", "4", "--dt", "0.05", "--batch-size", "4", "--no-progress",
+              "--score", os.path.join(CKPT, "fmnist-ncsnpp-small"), "--classifier", classifier,
+              "--purified-root", str(tmp_path / "purified")]  # fmt: skip
+    accuracy = fashion_mnist_report.main(["accuracy", *common])
+    result = fashion_mnist_report.main(["reverse-draws", "--draws", "3", *common])
+    scores = result["classifiers"][classifier]
+    # Draw 0 is the accuracy report's purification (its kept images are read back).
+    first = accuracy["classifiers"][classifier]["purified_t0.1"]
+    assert scores["one_draw_accuracy_per_draw"][0] == first["accuracy"]
+    assert scores["one_draw_accuracy_mean"] == pytest.approx(
+        np.mean(scores["one_draw_accuracy_per_draw"])
+    )
+    dirs = sorted(d.name for d in (tmp_path / "purified").iterdir())
+    assert len(dirs) == 3 and dirs[1].endswith("-reverse1") and dirs[2].endswith("-reverse2")
+    draws = [load_purified(str(tmp_path / "purified" / d))[1] for d in dirs]
+    assert min(np.abs(draws[0] - d).max() for d in draws[1:]) > 1e-2  # other reverse noise
+    counts = np.array(list(scores["majority_vote"]["per_class"].values()))
+    assert counts[:, 0].sum() == 4
+
+
 def test_diffused_report_scores_classifiers_on_the_start_of_the_reverse_solve(tmp_path):
     from experiments import fashion_mnist_report
 

@@ -114,7 +114,6 @@ def largereps_schedule(n_iter: int, eps: float) -> list[tuple[float, int]]:
 class _Config:
     norm: str
     eps: float
-    loss: str
     n_iter: int
     n_restarts: int
     n_eot: int
@@ -128,12 +127,18 @@ def _bcast(v, x):
     return v.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def _loss(name, logits, y, y_t):
-    if name == "ce":
+def _loss(loss_id, logits, y, y_t):
+    """(B,) the loss LOSSES[loss_id]. loss_id is traced, so the CE and DLR runs of one model
+    share one compilation (AutoAttack's apgd-ce and apgd-dlr: through DiffPure's exact gradient
+    that halves the compile time). DLR needs K >= 4 (`_attack` checks it); below, only CE."""
+    if logits.shape[1] < 4:
         return _losses.cross_entropy(logits, y)
-    if name == "dlr":
-        return _losses.dlr(logits, y)
-    return _losses.dlr_targeted(logits, y, y_t)
+    branches = [
+        lambda z: _losses.cross_entropy(z, y),
+        lambda z: _losses.dlr(z, y),
+        lambda z: _losses.dlr_targeted(z, y, y_t),
+    ]
+    return jax.lax.switch(loss_id, branches, logits)
 
 
 def _windows(norm: str, n_iter: int) -> np.ndarray:
@@ -150,7 +155,9 @@ def _windows(norm: str, n_iter: int) -> np.ndarray:
     return w
 
 
-def _single_run(logits_fn, x, y, y_t, key, cfg: _Config, eps: float, n_iter: int, x_init=None):
+def _single_run(
+    logits_fn, x, y, y_t, key, loss_id, cfg: _Config, eps: float, n_iter: int, x_init=None
+):
     """One APGD run on the whole batch. Returns (x_best_adv, found (B,), x_best)."""
     threat = Threat(cfg.norm, eps)
     k_start, k_loop = jax.random.split(key)
@@ -160,7 +167,7 @@ def _single_run(logits_fn, x, y, y_t, key, cfg: _Config, eps: float, n_iter: int
     def value_and_grad(xa, k):
         def loss_fn(xx, kk):
             z = logits_fn(xx, kk)
-            return _loss(cfg.loss, z, y, y_t), z
+            return _loss(loss_id, z, y, y_t), z
 
         return eot_value_and_grad(loss_fn, xa, k, cfg.n_eot)
 
@@ -281,12 +288,12 @@ def _single_run(logits_fn, x, y, y_t, key, cfg: _Config, eps: float, n_iter: int
     return s["x_best_adv"], s["found"], s["x_best"]
 
 
-def _run_once(logits_fn, x, y, y_t, key, cfg: _Config):
+def _run_once(logits_fn, x, y, y_t, key, loss_id, cfg: _Config):
     """One restart: a single run, or the L1 3-stage decreasing-eps schedule (ref `decr_eps_pgd`:
     each stage starts from the previous stage's x_best projected onto the next ball; the result
     is the last stage's)."""
     if not cfg.use_largereps:
-        adv, found, _ = _single_run(logits_fn, x, y, y_t, key, cfg, cfg.eps, cfg.n_iter)
+        adv, found, _ = _single_run(logits_fn, x, y, y_t, key, loss_id, cfg, cfg.eps, cfg.n_iter)
         return adv, found
     stages = largereps_schedule(cfg.n_iter, cfg.eps)
     k0, key = jax.random.split(key)
@@ -294,15 +301,22 @@ def _run_once(logits_fn, x, y, y_t, key, cfg: _Config):
     for n, (eps_s, it_s) in enumerate(stages):
         x_init = x + project_l1_box(x_init - x, x, eps_s)
         adv, found, x_init = _single_run(
-            logits_fn, x, y, y_t, jax.random.fold_in(key, n), cfg, eps_s, it_s, x_init
+            logits_fn, x, y, y_t, jax.random.fold_in(key, n), loss_id, cfg, eps_s, it_s, x_init
         )
     return adv, found
 
 
 @eqx.filter_jit
-def _attack(logits_fn, x, y, key, active, y_target, cfg: _Config):
+def _attack(logits_fn, x, y, key, active, y_target, loss_id, cfg: _Config):
+    """loss_id: int32 scalar, the index in LOSSES (traced: see `_loss`)."""
     k_clean, k_runs, k_check = jax.random.split(key, 3)
     clean = logits_fn(x, k_clean)
+    if clean.shape[1] < 4:  # static; the loss is not, so the check runs with the attack
+        clean = eqx.error_if(
+            clean,
+            loss_id != 0,
+            "APGD's DLR losses need at least 4 classes; use loss='ce' for this model",
+        )
     fooled = active & (jnp.argmax(clean, axis=1) != y)
     if cfg.n_targets:
         if clean.shape[1] < max(4, cfg.n_targets + 1):  # static: raised while tracing
@@ -322,7 +336,9 @@ def _attack(logits_fn, x, y, key, active, y_target, cfg: _Config):
         y_t = targets[r // cfg.n_restarts]
 
         def attack(_):
-            cand, found = _run_once(logits_fn, x, y, y_t, jax.random.fold_in(k_runs, r), cfg)
+            cand, found = _run_once(
+                logits_fn, x, y, y_t, jax.random.fold_in(k_runs, r), loss_id, cfg
+            )
             recheck = logits_fn(cand, jax.random.fold_in(k_check, r))
             return cand, found, jnp.argmax(recheck, axis=1) != y
 
@@ -410,7 +426,6 @@ def apgd(
     cfg = _Config(
         threat.norm,
         float(threat.eps),
-        loss,
         int(n_iter),
         int(n_restarts),
         int(n_eot),
@@ -419,7 +434,8 @@ def apgd(
         bool(use_largereps),
         0,
     )
-    x_adv, fooled = _attack(logits_fn, x, y, key, active, y_target, cfg)
+    loss_id = jnp.int32(LOSSES.index(loss))
+    x_adv, fooled = _attack(logits_fn, x, y, key, active, y_target, loss_id, cfg)
     return AttackResult(x_adv, fooled)
 
 
@@ -452,7 +468,6 @@ def apgd_targeted(
     cfg = _Config(
         threat.norm,
         float(threat.eps),
-        "dlr-targeted",
         int(n_iter),
         int(n_restarts),
         int(n_eot),
@@ -461,5 +476,6 @@ def apgd_targeted(
         bool(use_largereps),
         int(n_target_classes),
     )
-    x_adv, fooled = _attack(logits_fn, x, y, key, active, y, cfg)
+    loss_id = jnp.int32(LOSSES.index("dlr-targeted"))
+    x_adv, fooled = _attack(logits_fn, x, y, key, active, y, loss_id, cfg)
     return AttackResult(x_adv, fooled)
