@@ -48,6 +48,9 @@ train_once $DIAG/fmnist-wrn-16-1-diffused-9ep --init-from $DIAG/fmnist-wrn-16-1-
 $PY -m experiments.fashion_mnist_report diffused --classifier checkpoints/fmnist-wrn-16-1 \
   $DIAG/fmnist-wrn-16-1-diffused $DIAG/fmnist-wrn-16-1-diffused-9ep \
   --out experiments/results/fashion_mnist_diffused.json
+# How much of the one-draw loss is the reverse SDE's randomness: 5 reverse solves from one x_t*.
+$PY -m experiments.fashion_mnist_report reverse-draws --n 400 --draws 5 \
+  --out experiments/results/fashion_mnist_reverse_draws.json
 # Purification-aware fine-tuning on 1,600 purified training images (it did not help).
 $PY -m experiments.purify_train_set --n 1600 --no-progress --out $DIAG/purified-train-1600
 train_once $DIAG/fmnist-wrn-16-1-pa1600 --init-from checkpoints/fmnist-wrn-16-1 \
