@@ -278,6 +278,23 @@ def cmd_sweep(args) -> None:
     print(f"wrote {args.out}")
 
 
+def _add_purified_test_args(parser) -> None:
+    """The flags of the reports that purify test images and keep them (`purify_split`)."""
+    parser.add_argument("--score", default=SCORE)
+    parser.add_argument("--dt", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=200, help="also the size of a kept chunk")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--purified-root",
+        default=PURIFIED_ROOT,
+        help="where the purified test images are kept (a rerun reads them back)",
+    )
+    parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="write the numbers as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m experiments.fashion_mnist_report", description=__doc__.splitlines()[0]
@@ -290,7 +307,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="experiments/results/fashion_mnist_samples.png")
     a = sub.add_parser("accuracy", help="clean and purified clean accuracy on the test set")
-    a.add_argument("--score", default=SCORE)
     a.add_argument(
         "--classifier",
         nargs="+",
@@ -299,18 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--n", type=int, default=10_000)
     a.add_argument("--t-star", type=float, nargs="+", default=[0.1])
-    a.add_argument("--dt", type=float, default=1e-3)
-    a.add_argument("--batch-size", type=int, default=200, help="also the size of a kept chunk")
-    a.add_argument("--no-progress", action="store_true")
-    a.add_argument(
-        "--purified-root",
-        default=PURIFIED_ROOT,
-        help="where the purified test images are kept (a rerun reads them back)",
-    )
-    a.add_argument("--data-seed", type=int, default=0)
-    a.add_argument("--data-dir", default=None)
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--out", default=None, help="write the numbers as JSON")
+    _add_purified_test_args(a)
     d = sub.add_parser("diffused", help="accuracy on forward-diffused test images x_t*")
     d.add_argument("--classifier", nargs="+", default=[CLASSIFIER])
     d.add_argument("--n", type=int, default=10_000)
@@ -323,19 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "reverse-draws", help="one draw against the vote of reverse draws from the same x_t*"
     )
-    r.add_argument("--score", default=SCORE)
     r.add_argument("--classifier", nargs="+", default=[CLASSIFIER])
     r.add_argument("--n", type=int, default=500)
     r.add_argument("--draws", type=int, default=5)
     r.add_argument("--t-star", type=float, default=0.1)
-    r.add_argument("--dt", type=float, default=1e-3)
-    r.add_argument("--batch-size", type=int, default=200, help="also the size of a kept chunk")
-    r.add_argument("--no-progress", action="store_true")
-    r.add_argument("--purified-root", default=PURIFIED_ROOT)
-    r.add_argument("--data-seed", type=int, default=0)
-    r.add_argument("--data-dir", default=None)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--out", default=None, help="write the numbers as JSON")
+    _add_purified_test_args(r)
     g = sub.add_parser("grid", help="clean, adversarial and purified examples of an evaluation")
     g.add_argument("--workdir", required=True)
     g.add_argument("--n", type=int, default=8)

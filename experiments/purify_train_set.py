@@ -74,9 +74,7 @@ def purify_split(
     key = jax.random.key(seed)
 
     @jax.jit
-    def purify(p, xb, ib):
-        if not reverse_draw:
-            return p(xb, key, ib)
+    def purify(p, xb, ib):  # reverse_draw 0: reverse_keys == keys, the purifier's own draw
         keys, reverse_keys = (noise.example_keys(key, ib, d) for d in (0, reverse_draw))
         return purify_with_keys(p.score, p.config, xb, keys, reverse_keys)
 
