@@ -26,6 +26,7 @@ import numpy as np
 
 from diffpure_jax import load_classifier, load_purifier, load_score_model, noise
 from diffpure_jax.data import FASHION_MNIST_CLASSES, fashion_mnist_test
+from diffpure_jax.evaluate import protocol_scores
 from diffpure_jax.sample import sample
 from diffpure_jax.train.classifier import diffuse_images
 from experiments.purify_train_set import PURIFIED_ROOT, purify_split
@@ -87,10 +88,15 @@ def _batched(fn, batch, *arrays):
 
 def _scores(pred, y) -> dict:
     """Accuracy (%) and per-class [n, correct] of predictions against labels."""
+    return _scores_of_correct(pred == y, y)
+
+
+def _scores_of_correct(correct, y) -> dict:
+    """Accuracy (%) and per-class [n, correct] of per-example correctness (bool) with labels."""
     return {
-        "accuracy": 100.0 * float(np.mean(pred == y)),
+        "accuracy": 100.0 * float(np.mean(correct)),
         "per_class": {
-            name: [int(np.sum(y == k)), int(np.sum((pred == y) & (y == k)))]
+            name: [int(np.sum(y == k)), int(np.sum(correct & (y == k)))]
             for k, name in enumerate(FASHION_MNIST_CLASSES)
         },
     }
@@ -178,9 +184,9 @@ def cmd_reverse_draws(args) -> dict:
     once (the forward noise of the `accuracy` report's draw) and solved back --draws times with
     independent reverse noise (draw 0 is the `accuracy` report's purification). Per classifier:
     the mean one-draw accuracy over the reverse draws, and the accuracy of their majority vote
-    (ties to the larger summed probability): a purifier deterministic given x_t* would score
-    about the vote, a posterior sampler scores the mean. The purified images are kept and resumed
-    like the `accuracy` report's."""
+    (`majority_of_N`'s rule, ties to the lowest class index): a purifier deterministic given x_t*
+    would score about the vote, a posterior sampler scores the mean. The purified images are kept
+    and resumed like the `accuracy` report's."""
     probs = jax.jit(lambda c, xb: jax.nn.softmax(c(xb), -1))
     classifiers = {path: load_classifier(path) for path in args.classifier}
     p = {c: [] for c in classifiers}  # per classifier: (draws, n, K) probabilities
@@ -196,13 +202,12 @@ def cmd_reverse_draws(args) -> dict:
     result.update(draws=args.draws, score=args.score, classifiers={})
     for path, ps in p.items():
         ps = np.stack(ps)  # (draws, n, K)
-        votes = np.stack([np.bincount(row, minlength=ps.shape[2]) for row in ps.argmax(-1).T])
-        vote = np.argmax(votes + 1e-3 * ps.sum(0), -1)  # ties: the larger summed probability
+        vote = protocol_scores(jnp.asarray(ps.argmax(-1)), jnp.asarray(y), "majority")
         draw_acc = [100.0 * float(np.mean(pd.argmax(-1) == y)) for pd in ps]
         scores = {
             "one_draw_accuracy_per_draw": draw_acc,
             "one_draw_accuracy_mean": float(np.mean(draw_acc)),
-            "majority_vote": _scores(vote, y),
+            "majority_vote": _scores_of_correct(vote, y),
         }
         result["classifiers"][path] = scores
         print(
