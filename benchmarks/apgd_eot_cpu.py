@@ -9,13 +9,15 @@ with n_iter = 1 and n_iter = 1 + `--extra` in compiled form. The difference of t
 times, divided by `--extra`, is the cost of one iteration. Dividing that by batch x eot gives the
 cost per example and EOT draw; times 20 gives AutoAttack-rand's EOT 20, a linear extrapolation
 (draws are one vmapped batch, so the cost is linear on a saturated CPU). Writes JSON.
+
+Results: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("EQX_ON_ERROR", "nan")  # benchmark hygiene, see purify_cpu.py
+os.environ.setdefault("EQX_ON_ERROR", "nan")  # benchmark hygiene, see common.py
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -1,19 +1,25 @@
-"""Shared helpers of the scale benchmarks (throughput, memory_steps, utilization, solver_overhead).
+"""Shared harness of the benchmarks (purify_cpu, throughput, memory_steps, utilization,
+solver_overhead): models, inputs, compile-and-time, XLA analyses, environment and JSON output.
 
-Import this module before jax/equinox/diffrax: it sets EQX_ON_ERROR=nan (benchmark hygiene, see
-purify_cpu.py: a failed runtime check turns the result into NaN instead of raising through a host
-callback, so the timed program is the pure computation; outputs are checked to be finite instead).
+Import this module before jax/equinox/diffrax: it sets EQX_ON_ERROR=nan (diffrax FAQ, "how do I
+benchmark diffrax?"). By default equinox's runtime checks (`eqx.error_if`, used by diffrax and by
+the input range check of `purify`) raise through a host callback, which adds a host round trip and
+blocks some XLA optimisations; with `nan` a failed check only turns the result into NaN, so the
+timed program is the pure computation. Outputs are checked to be finite instead.
 
 Conventions of every benchmark here:
 
-* models are NCSN++ with random weights (no checkpoint; `random_variables`): `small` = nf=16,
-  num_res_blocks=2 (0.62M params); `full` = score_sde's cifar10_ddpmpp_deep_continuous
-  (106.6M params). The weights do not change the cost;
+* models are NCSN++: the reference small weights converted (purify_cpu) or random weights
+  (`random_score`, `random_variables`): `small` = nf=16, num_res_blocks=2 (0.62M params); `full`
+  = score_sde's cifar10_ddpmpp_deep_continuous (106.6M params). The weights do not change the
+  cost;
 * models are passed to `jax.jit` as arguments (equinox pytrees), never closed over;
 * each case is compiled once (`jit(f).lower(*args).compile()`, timed), run once to warm up, then
   timed `repeats` times with `block_until_ready`; the minimum is reported;
 * the CPU time other processes used during the timed runs is recorded (`others_cpu_per_wall`):
   this machine is shared, and a large value means the timing is pessimistic.
+
+Results: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
+# The reference weights (../shared/reference/README.md); DIFFPURE_REFERENCE_DIR overrides.
+REFERENCE = Path(os.environ.get("DIFFPURE_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
 MODELS = {
     "small": {"nf": 16, "num_res_blocks": 2},
     "full": {},  # CIFAR10_DDPMPP_DEEP_CONTINUOUS as is
@@ -55,7 +63,7 @@ def random_variables(abstract, seed: int = 0):
     """Random weights for an abstract variables tree, drawn like the reference small models
     (../shared/reference/README.md): arrays with ndim >= 2 (kernels, flax layout (..., in, out))
     N(0, 1/fan_in); 1-D `scale` ones; other 1-D arrays 0.1 N(0, 1). Drawn with numpy's seeded
-    generator: much faster than a jitted flax `init` of the full model (~40 s here), and unlike
+    generator: much faster than a jitted flax `init` of the full model, and unlike
     score_sde's init (init_scale=0 makes the last conv ~1e-10) the network's output is not ~0.
     The cost of a network call does not depend on its weights."""
     rng = np.random.default_rng(seed)
@@ -99,10 +107,10 @@ def n_params(tree) -> int:
     return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
-def inputs(batch: int, seed: int = 0):
-    """(x in [0, 1], cotangent weights w, noise key) for a batch of CIFAR-sized images."""
+def inputs(batch: int, seed: int = 0, shape: tuple[int, ...] = IMAGE_SHAPE):
+    """(x in [0, 1], cotangent weights w, noise key) for a batch of images (CIFAR-sized)."""
     kx, kw, key = jax.random.split(jax.random.key(seed), 3)
-    x = jax.random.uniform(kx, (batch, *IMAGE_SHAPE), jnp.float32)
+    x = jax.random.uniform(kx, (batch, *shape), jnp.float32)
     w = jax.random.normal(kw, x.shape, jnp.float32)
     return x, w, key
 
@@ -264,6 +272,17 @@ def busy_fraction(sample_s: float = 1.0) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_until_idle(max_wait_s: float, threshold: float = 0.15) -> tuple[float | None, float]:
+    """Wait (up to `max_wait_s`) until all processes together keep < `threshold` of the cores
+    busy; returns (the last busy fraction, seconds waited)."""
+    start = time.perf_counter()
+    busy = busy_fraction()
+    while busy is not None and busy > threshold and time.perf_counter() - start < max_wait_s:
+        time.sleep(4.0)
+        busy = busy_fraction()
+    return busy, time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ Part 1 (one 3x3 convolution layer pair, 16x28x28x32): seconds per input gradient
 a `fori_loop`, for `lax.conv_general_dilated` and for ours. Part 2 (the shipped Fashion-MNIST
 DiffPure, t* = 0.1, 5 Euler steps, EOT 2, exact gradients): seconds per gradient alone and per
 iteration of a sign-step loop, as APGD runs it. Writes benchmarks/results/conv_loop_cpu.json.
+
+Results: benchmarks/README.md.
 """
 
 from __future__ import annotations

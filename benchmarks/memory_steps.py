@@ -20,6 +20,8 @@ n_steps.
 
     python -m benchmarks.memory_steps
     python -m benchmarks.memory_steps --steps 10,100,1000 --batch 2 --run-max-steps 1000
+
+Results: benchmarks/README.md.
 """
 
 from __future__ import annotations

@@ -1,56 +1,41 @@
-"""CPU benchmark of one DiffPure purification and its input gradient (small NCSN++).
+"""Time and memory of one DiffPure purification and its input gradient, per Brownian path and
+gradient mode (the reference small NCSN++, batch of 32x32x3 images, t_star=0.1, dt=1e-3).
 
-For a batch of 32x32x3 images in [0, 1] purified at t_star=0.1 with dt=1e-3 (100 Euler steps),
-each case measures
+Cases (`--list`): one score-network call and its VJP (the per-step unit cost), that VJP 10 times
+in a `lax.scan` and unrolled; `purify` forward, and the gradient of sum(w * purify(x)) in x, for
+the Brownian paths 'grid' and 'tree' and the gradient modes 'exact' (checkpoints=None or n_steps)
+and 'adjoint'. Each case is compiled and timed with `common.compile_fn` / `common.time_compiled`,
+and also records the first-call time, XLA's memory analysis and the increase of the process peak
+RSS. Each case runs in a fresh subprocess (unless --no-isolate), so that one case's peak RSS and
+compilation caches do not carry over; a case disturbed by other processes is retried.
 
-* compile time: trace + lower + XLA compile (`jax.jit(f).lower(*args).compile()`), and the first
-  call (compile time plus the first execution);
-* steady-state time: min over `--repeats` executions after one warm-up execution, each ended by
-  `block_until_ready`;
-* memory: XLA's compiled memory analysis (temp buffers, arguments, outputs) and the increase of the
-  process peak RSS (`ru_maxrss`) over the level reached after loading the model.
-
-Cases: forward only (`purify`), and the gradient of sum(w * purify(x)) with respect to x, for the
-Brownian paths 'grid' and 'tree' and the gradient modes 'exact' (checkpoints=None: ~log2(n_steps)
-stored states; checkpoints=n_steps: every state stored) and 'adjoint'.
-
-Each case runs in a fresh subprocess (unless --no-isolate) so that the peak RSS of one case does
-not hide the next one's, and compilation caches do not carry over.
-
-    python -m benchmarks.purify_cpu                  # all cases, writes benchmarks/results/
+    python -m benchmarks.purify_cpu                  # all cases, writes results/purify_cpu.json
     python benchmarks/purify_cpu.py --cases forward-grid,grad-exact-grid --repeats 1
+
+Results and how to read them: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
 
-# Benchmark hygiene (diffrax FAQ, "how do I benchmark diffrax?"): by default equinox's runtime
-# checks (`eqx.error_if`, used by diffrax and by `check_images`) raise through a host callback,
-# which adds a host round trip and blocks some XLA optimisations. With EQX_ON_ERROR=nan a failed
-# check only turns the result into NaN, so the timed program is the pure computation. This must be
-# set before equinox/diffrax are imported; we check that the outputs are finite instead.
-os.environ["EQX_ON_ERROR"] = "nan"
+if __package__ in (None, ""):  # `python benchmarks/purify_cpu.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
-from pathlib import Path  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python benchmarks/purify_cpu.py` from anywhere
-    sys.path.insert(0, str(REPO))
+from benchmarks import common  # noqa: E402  (sets EQX_ON_ERROR=nan before jax is imported)
 
-DEFAULT_CHECKPOINT = "/work/shared/reference/score_sde_cifar10_small.pth"
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "purify_cpu.json"
-SMALL_MODEL = {"nf": 16, "num_res_blocks": 2}
-MB = 1e6
+DEFAULT_CHECKPOINT = str(common.REFERENCE / "score_sde_cifar10_small.pth")
+DEFAULT_OUT = common.RESULTS / "purify_cpu.json"
 
 
 def _cases() -> dict[str, dict]:
@@ -83,100 +68,19 @@ def _case_names(n_steps: int) -> dict[str, dict]:
     return {name.replace("{n}", str(n_steps)): case for name, case in CASES.items()}
 
 
-def _maxrss_bytes() -> int:
-    # ru_maxrss is in KiB on Linux (bytes on macOS).
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _machine_cpu_seconds() -> float | None:
-    """CPU seconds all processes have used (Linux /proc/stat); None elsewhere."""
-    try:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        busy = sum(values) - values[3] - values[4]  # minus idle, iowait
-        return busy / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _git_revision() -> dict:
-    """The library's commit and whether diffpure_jax/ differs from it (read-only git calls)."""
-
-    def git(*cmd):
-        return subprocess.run(
-            ["git", *cmd], cwd=REPO, capture_output=True, text=True, check=False
-        ).stdout.strip()
-
-    return {
-        "commit": git("rev-parse", "HEAD") or None,
-        "diffpure_jax_dirty": bool(git("status", "--porcelain", "--", "diffpure_jax")),
-    }
-
-
-def _memory_analysis(compiled) -> dict:
-    try:
-        stats = compiled.memory_analysis()
-    except Exception as e:  # not implemented on some backends / versions
-        return {"error": f"{type(e).__name__}: {e}"}
-    if stats is None:
-        return {"error": "memory_analysis() returned None"}
-    fields = (
-        "temp_size_in_bytes",
-        "argument_size_in_bytes",
-        "output_size_in_bytes",
-        "alias_size_in_bytes",
-        "generated_code_size_in_bytes",
-        "peak_memory_in_bytes",
-    )
-    out = {}
-    for field in fields:
-        value = getattr(stats, field, None)
-        if value is not None:
-            out[field] = int(value)
-    return out
-
-
-def run_case(name: str, case: dict, args: argparse.Namespace) -> dict:
-    """Compile and time one case in this process."""
+def _program(case: dict, cfg, score, x, w, key, t_star: float):
+    """(jit-able function, its arguments) for one case; the score model is an argument."""
     import jax
     import jax.numpy as jnp
 
-    from diffpure_jax import PurifyConfig, load_score_model
-    from diffpure_jax.purify import purify
-
-    score = load_score_model(args.model_dir)
-    n_steps = int(round(args.t_star / args.dt))
-    checkpoints = n_steps if case["ckpt"] == "n_steps" else case["ckpt"]
-    cfg = PurifyConfig(
-        t_star=args.t_star,
-        dt=args.dt,
-        brownian=case["brownian"] or "grid",
-        grad=case["grad"] or "exact",
-        checkpoints=checkpoints,
-    )
-    kx, kw, key = jax.random.split(jax.random.key(args.seed), 3)
-    x = jax.random.uniform(kx, (args.batch, *score.image_shape), jnp.float32)
-    w = jax.random.normal(kw, x.shape, jnp.float32)
-
-    t_mid = jnp.full((args.batch,), 0.5 * args.t_star, jnp.float32)
-    if case["mode"] == "score":
-        fn = jax.jit(lambda s, x: s(2.0 * x - 1.0, t_mid))
-        call_args = (score, x)
-    elif case["mode"] == "score_vjp":
-
-        def score_loss(x, s, w):
-            return jnp.sum(w * s(2.0 * x - 1.0, t_mid))
-
-        fn = jax.jit(jax.grad(score_loss))
-        call_args = (x, score, w)
-    elif case["mode"] in ("score_vjp_scan", "score_vjp_unroll"):
-        unroll = 10 if case["mode"] == "score_vjp_unroll" else 1
+    t_mid = jnp.full((x.shape[0],), 0.5 * t_star, jnp.float32)
+    mode = case["mode"]
+    if mode == "score":
+        return (lambda s, x: s(2.0 * x - 1.0, t_mid)), (score, x)
+    if mode == "score_vjp":
+        return jax.grad(lambda x, s, w: jnp.sum(w * s(2.0 * x - 1.0, t_mid))), (x, score, w)
+    if mode in ("score_vjp_scan", "score_vjp_unroll"):
+        unroll = 10 if mode == "score_vjp_unroll" else 1
 
         def vjp_loop(s, x, w):
             def body(y, k):
@@ -186,19 +90,30 @@ def run_case(name: str, case: dict, args: argparse.Namespace) -> dict:
 
             return jax.lax.scan(body, 2.0 * x - 1.0, jnp.arange(10), unroll=unroll)[0]
 
-        fn = jax.jit(vjp_loop)
-        call_args = (score, x, w)
-    elif case["mode"] == "forward":
-        fn = jax.jit(lambda s, x, k: purify(s, cfg, x, k))
-        call_args = (score, x, key)
-    else:
+        return vjp_loop, (score, x, w)
+    if mode == "forward":
+        return common.purify_fn(cfg), (score, x, key)
+    return common.grad_fn(cfg), (x, score, w, key)
 
-        def loss(x, s, w, k):
-            return jnp.sum(w * purify(s, cfg, x, k))
 
-        fn = jax.jit(jax.grad(loss))
-        call_args = (x, score, w, key)
-    jax.block_until_ready(call_args)
+def run_case(name: str, case: dict, args: argparse.Namespace) -> dict:
+    """Compile and time one case in this process."""
+    import jax
+
+    from diffpure_jax import PurifyConfig, load_score_model
+
+    score = load_score_model(args.model_dir)
+    n_steps = int(round(args.t_star / args.dt))
+    cfg = PurifyConfig(
+        t_star=args.t_star,
+        dt=args.dt,
+        brownian=case["brownian"] or "grid",
+        grad=case["grad"] or "exact",
+        checkpoints=n_steps if case["ckpt"] == "n_steps" else case["ckpt"],
+    )
+    x, w, key = common.inputs(args.batch, args.seed, score.image_shape)
+    fn, call_args = _program(case, cfg, score, x, w, key, args.t_star)
+    call_args = jax.block_until_ready(call_args)
 
     is_solve = case["mode"] in ("forward", "grad")
     result = {
@@ -210,97 +125,29 @@ def run_case(name: str, case: dict, args: argparse.Namespace) -> dict:
         "n_steps": cfg.n_steps if is_solve else None,
         "loadavg_before": os.getloadavg()[0],
     }
-    rss_base = _maxrss_bytes()
+    rss_base = common.maxrss_bytes()
     try:
-        t0 = time.perf_counter()
-        lowered = fn.lower(*call_args)
-        t1 = time.perf_counter()
-        compiled = lowered.compile()
-        t2 = time.perf_counter()
-        rss_compile = _maxrss_bytes()
-        out = jax.block_until_ready(compiled(*call_args))
-        t3 = time.perf_counter()
+        compiled, timings = common.compile_fn(fn, call_args)
+        rss_compile = common.maxrss_bytes()
+        result.update(timings)
+        result.update(common.time_compiled(compiled, call_args, args.repeats, args.budget_s))
     except Exception as e:
         result["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:500]
         return result
-    first_run = t3 - t2
-    repeats = args.repeats
-    if first_run * args.repeats > args.budget_s:
-        repeats = 1
-    times = []
-    cpu0, machine0 = _cpu_seconds(), _machine_cpu_seconds()
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(compiled(*call_args))
-        times.append(time.perf_counter() - t)
-    own = _cpu_seconds() - cpu0
-    cpu_per_wall = own / sum(times)
-    machine1 = _machine_cpu_seconds()
-    others = None if machine0 is None or machine1 is None else machine1 - machine0 - own
     result.update(
-        trace_lower_s=t1 - t0,
-        compile_s=t2 - t0,  # trace + lower + XLA compile
-        first_call_s=t3 - t0,  # what the first `jax.jit(f)(*args)` call costs
-        warmup_run_s=first_run,
-        run_s=times,
-        steady_s=min(times),
-        repeats=repeats,
-        repeats_reduced=repeats < args.repeats,
-        # Process CPU seconds per wall second in the timed runs: ~cpu_count when XLA had every
-        # core; lower means waiting (e.g. other processes on the machine).
-        cpu_per_wall=cpu_per_wall,
-        # CPU seconds per wall second that other processes used meanwhile: ~0 on a quiet machine.
-        others_cpu_per_wall=None if others is None else max(0.0, others / sum(times)),
+        first_call_s=result["compile_s"] + result["warmup_s"],  # a first `jax.jit(f)(*args)`
+        repeats_reduced=result["repeats"] < args.repeats,
         loadavg_after=os.getloadavg()[0],
-        finite=bool(jnp.all(jnp.isfinite(out))),
-        xla_memory=_memory_analysis(compiled),
+        xla_memory=common.memory_analysis(compiled),
         rss_baseline_bytes=rss_base,
         rss_compile_increase_bytes=rss_compile - rss_base,
-        rss_peak_increase_bytes=_maxrss_bytes() - rss_base,
+        rss_peak_increase_bytes=common.maxrss_bytes() - rss_base,
     )
     return result
 
 
-def environment() -> dict:
-    import diffrax
-    import equinox
-    import flax
-    import jax
-    import jaxlib
-
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    device = jax.devices()[0]
-    return {
-        "device": f"{device.platform}: {device.device_kind}",
-        "n_devices": jax.device_count(),
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "diffrax": diffrax.__version__,
-        "equinox": equinox.__version__,
-        "flax": flax.__version__,
-        "EQX_ON_ERROR": os.environ.get("EQX_ON_ERROR"),
-        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-        **_git_revision(),
-    }
-
-
-def _fmt_mb(nbytes) -> str:
-    return "-" if nbytes is None else f"{nbytes / MB:.1f}"
-
-
 def table(results: list[dict]) -> str:
-    columns = (
+    columns = [
         "case",
         "compile (s)",
         "first call (s)",
@@ -313,60 +160,33 @@ def table(results: list[dict]) -> str:
         "XLA args (MB)",
         "XLA out (MB)",
         "peak RSS + (MB)",
-    )
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    ]
+    rows = []
     for r in results:
         if "error" in r:
-            rest = " |" * (len(columns) - 2)
-            lines.append(f"| {r['case']} | error: {r['error'][:100]} |{rest}")
+            rows.append([r["case"], f"error: {r['error'][:100]}"] + [""] * (len(columns) - 2))
             continue
         mem = r["xla_memory"]
         reps = f"{r['repeats']}" + (" (reduced)" if r["repeats_reduced"] else "")
         if not r["finite"]:
             reps += " NaN!"
-        cells = (
-            r["case"],
-            f"{r['compile_s']:.1f}",
-            f"{r['first_call_s']:.1f}",
-            f"{r['warmup_run_s'] * 1e3:.0f}",
-            f"{r['steady_s'] * 1e3:.0f}",
-            reps,
-            f"{r['cpu_per_wall']:.2f}",
-            "-" if r.get("others_cpu_per_wall") is None else f"{r['others_cpu_per_wall']:.2f}",
-            _fmt_mb(mem.get("temp_size_in_bytes")),
-            _fmt_mb(mem.get("argument_size_in_bytes")),
-            _fmt_mb(mem.get("output_size_in_bytes")),
-            _fmt_mb(r["rss_peak_increase_bytes"]),
+        rows.append(
+            [
+                r["case"],
+                f"{r['compile_s']:.1f}",
+                f"{r['first_call_s']:.1f}",
+                f"{r['warmup_s'] * 1e3:.0f}",
+                f"{r['steady_s'] * 1e3:.0f}",
+                reps,
+                f"{r['cpu_per_wall']:.2f}",
+                common.fmt_load(r),
+                common.fmt_mb(mem.get("temp_size_in_bytes")),
+                common.fmt_mb(mem.get("argument_size_in_bytes")),
+                common.fmt_mb(mem.get("output_size_in_bytes")),
+                common.fmt_mb(r["rss_peak_increase_bytes"]),
+            ]
         )
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _machine_busy(sample_s: float = 1.0) -> float | None:
-    """Fraction of all cores busy over `sample_s` (Linux /proc/stat); None elsewhere."""
-
-    def read():
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        return values[3] + values[4], sum(values)  # idle + iowait, total
-
-    try:
-        idle0, total0 = read()
-        time.sleep(sample_s)
-        idle1, total1 = read()
-    except (OSError, ValueError, IndexError):
-        return None
-    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
-
-
-def _wait_until_idle(max_wait_s: float, threshold: float = 0.15) -> tuple[float | None, float]:
-    """Wait (up to max_wait_s) until other processes use < threshold of the machine."""
-    start = time.perf_counter()
-    busy = _machine_busy()
-    while busy is not None and busy > threshold and time.perf_counter() - start < max_wait_s:
-        time.sleep(4.0)
-        busy = _machine_busy()
-    return busy, time.perf_counter() - start
+    return common.markdown_table(columns, rows)
 
 
 def _run_isolated(name: str, args: argparse.Namespace) -> dict:
@@ -416,7 +236,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--budget-s",
         type=float,
         default=90.0,
-        help="if warm-up run x repeats exceeds this, time a single run for that case",
+        help="fewer timed runs (at least one) for a case if they would take longer than this",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="score_sde .pth to convert")
@@ -467,18 +287,18 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown cases {unknown}; known: {list(cases)}")
 
-    env = environment()
     tmp = None
+    small = common.MODELS["small"]
     if args.model_dir is None:
         from diffpure_jax.convert.score_sde import convert_score_sde
 
         tmp = tempfile.mkdtemp(prefix="purify_cpu_")
         args.model_dir = os.path.join(tmp, "score_small")
-        convert_score_sde(args.checkpoint, args.model_dir, **SMALL_MODEL)
+        convert_score_sde(args.checkpoint, args.model_dir, **small)
     config = {
-        "model": f"NCSN++ small ({args.checkpoint}, {SMALL_MODEL})",
+        "model": f"NCSN++ small ({args.checkpoint}, {small})",
         "batch": args.batch,
-        "image_shape": [32, 32, 3],
+        "image_shape": list(common.IMAGE_SHAPE),
         "t_star": args.t_star,
         "dt": args.dt,
         "n_steps": n_steps,
@@ -491,16 +311,15 @@ def main(argv=None) -> int:
         "retries": args.retries,
         "max_others_load": args.max_others_load,
     }
-    print("environment:", json.dumps(env, indent=1))
-    print("config:", json.dumps(config, indent=1))
+    env = common.header("purify_cpu", config)
 
     results = []
     start = time.perf_counter()
     for name in names:
         t = time.perf_counter()
         attempts = []
-        for _ in range(1 + args.retries):
-            busy, waited = _wait_until_idle(args.max_wait_idle_s)
+        for attempt in range(1 + args.retries):
+            busy, waited = common.wait_until_idle(args.max_wait_idle_s)
             if args.no_isolate:
                 result = run_case(name, cases[name], args)
             else:
@@ -509,7 +328,7 @@ def main(argv=None) -> int:
             result["waited_for_idle_s"] = waited
             attempts.append(result)
             others = result.get("others_cpu_per_wall")
-            if others is None or others <= args.max_others_load:
+            if others is None or others <= args.max_others_load or attempt == args.retries:
                 break
             print(f"  {name}: other processes used {others:.2f} CPU/s, retrying", flush=True)
         # The attempt least disturbed by other processes.
@@ -523,28 +342,17 @@ def main(argv=None) -> int:
     print()
     print(table(results))
     print(f"\ntotal benchmark time {total:.0f} s")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "environment": env,
-                "config": config,
-                "results": results,
-                "total_s": total,
-                "command": " ".join(
-                    [Path(sys.executable).name, "-m", "benchmarks.purify_cpu"]
-                    + (argv if argv is not None else sys.argv[1:])
-                ),
-            },
-            indent=1,
-        )
-        + "\n"
+    common.write_json(
+        args.out,
+        {
+            "environment": env,
+            "config": config,
+            "results": results,
+            "total_s": total,
+            "command": common.command("benchmarks.purify_cpu", argv),
+        },
     )
-    print(f"wrote {out}")
     if tmp is not None:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

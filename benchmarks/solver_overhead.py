@@ -18,6 +18,8 @@ Cases, each compiled once, warmed up, min over repeats:
 
     python -m benchmarks.solver_overhead
     python -m benchmarks.solver_overhead --model full --batch 1 --t-star 0.005
+
+Results: benchmarks/README.md.
 """
 
 from __future__ import annotations

@@ -9,14 +9,16 @@ deep continuous, 106.6M params; random weights, see common.py) and batch size, m
 * `adjoint`: the same with grad='adjoint' (the torchsde-style continuous adjoint);
 
 and, with --bf16 (default on), `forward` and `exact` at the largest batch with
-score_dtype='bfloat16'. The default step counts are small so that each model's run stays
-around 5 min on a 2-core CPU: the cost is linear in the number of steps (a fixed-step solve), so
-each row also gives the cost per image per step and the linear extrapolation to DiffPure's 100
-steps (t* = 0.1, dt = 1e-3). On a GPU, scale up: `--t-star-full 0.1 --batches-full 1,8,32,128`.
+score_dtype='bfloat16'. The default step counts are small so that a CPU run stays short: the
+cost is linear in the number of steps (a fixed-step solve), so each row also gives the cost per
+image per step and the linear extrapolation to DiffPure's 100 steps (t* = 0.1, dt = 1e-3). On a
+GPU, scale up: `--t-star-full 0.1 --batches-full 1,8,32,128`.
 
-    python -m benchmarks.throughput                  # small model, ~5 min on 2 CPU cores
-    python -m benchmarks.throughput --models full    # full-size model, ~7 min on 2 CPU cores
+    python -m benchmarks.throughput                  # small model
+    python -m benchmarks.throughput --models full    # full-size model
     python -m benchmarks.throughput --models small,full   # both: writes throughput_small_full.json
+
+Results and run times: benchmarks/README.md.
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ Achieved FLOP/s = FLOPs / measured time. The utilisation ratio = achieved FLOP/s
 float32 matmul of --matmul-size (default 2048, 2 n^3 FLOPs), measured in the same process.
 
     python -m benchmarks.utilization
-    python -m benchmarks.utilization --model full --batch 1 --t-star 0.005
+    python -m benchmarks.utilization --models full --batch 1 --t-star-full 0.005
+
+Results: benchmarks/README.md.
 """
 
 from __future__ import annotations

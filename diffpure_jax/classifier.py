@@ -1,4 +1,4 @@
-"""Classifiers behind the pure seam `logits_fn(variables, x)`, x (B, H, W, C) in [0, 1]."""
+"""Classifiers behind the pure seam `apply_fn(variables, x)`, x (B, H, W, C) in [0, 1]."""
 
 from __future__ import annotations
 
@@ -7,19 +7,21 @@ from typing import Any
 
 import equinox as eqx
 
-LogitsFn = Callable[[Any, Any], Any]  # (variables, x (B,H,W,C) in [0,1]) -> logits (B, classes)
+# (variables, x (B, H, W, C) in [0, 1]) -> logits (B, num_classes): a flax `module.apply`.
+# Not to be confused with the attacks' `LogitsFn`, a model `(x, key) -> logits`.
+ApplyFn = Callable[[Any, Any], Any]
 
 
 class Classifier(eqx.Module):
-    """A classifier with its variables: `classifier(x)` -> (B, num_classes) logits.
+    """A deterministic classifier with its variables: `classifier(x)` -> (B, num_classes) logits.
 
     A pytree: pass it through `jax.jit` as an argument so the variables stay dynamic.
     Any input normalisation lives inside the network, as in DiffPure's wrappers.
     """
 
     variables: Any
-    logits_fn: LogitsFn = eqx.field(static=True)
+    apply_fn: ApplyFn = eqx.field(static=True)
     image_shape: tuple[int, int, int] = eqx.field(static=True)
 
     def __call__(self, x):
-        return self.logits_fn(self.variables, x)
+        return self.apply_fn(self.variables, x)

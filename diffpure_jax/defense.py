@@ -1,52 +1,67 @@
-"""The defended classifier: purify, then classify. `defended(x, key)` -> logits.
+"""Random classifiers: the interface every attack and the runner see, and its two models.
 
-In `blind` mode the value is the defended logits but the gradient is the classifier's alone at
-x (straight-through around the purifier), the 'attack the classifier, then purify' baseline.
+`AbstractRandomClassifier` is `model(x, key, index=None)` -> (B, num_classes) logits, with x
+(B, H, W, C) in [0, 1], `key` a PRNG key and `index` (B,) the examples' dataset indices (the
+noise of a random model follows the example, not its position in the batch). A deterministic
+model ignores `key` and `index`. Its `eot` method draws with the project's one EOT convention,
+`diffpure_jax.attacks.base.eot_keys`.
+
+`DefendedClassifier` purifies then classifies. In `blind` mode its value is the defended logits
+but its gradient is the classifier's alone at x (straight-through around the purifier), the
+'attack the classifier, then purify' baseline. `Undefended` is the classifier alone.
 """
 
 from __future__ import annotations
 
+import abc
+
 import equinox as eqx
 import jax
 
+from .attacks.base import eot_logits
 from .classifier import Classifier
 from .purify import Purifier
 
 
-class DefendedClassifier(eqx.Module):
+class AbstractRandomClassifier(eqx.Module):
+    """`model(x, key, index=None)` -> (B, num_classes) logits; a pytree (pass it through jit)."""
+
+    @abc.abstractmethod
+    def __call__(self, x: jax.Array, key: jax.Array, index: jax.Array | None = None) -> jax.Array:
+        """x (B, H, W, C) in [0, 1]; key a PRNG key; index (B,) int dataset indices or None
+        (then arange(B)). Returns (B, num_classes) logits of one draw."""
+
+    def eot(self, x: jax.Array, key: jax.Array, n_draws: int, index=None) -> jax.Array:
+        """(n_draws, B, num_classes) logits of n_draws draws in one batched (vmapped) call; draw d
+        is `self(x, eot_keys(key, n_draws)[d], index)`."""
+        return eot_logits(lambda x, k: self(x, k, index), x, key, n_draws)
+
+
+class DefendedClassifier(AbstractRandomClassifier):
     """Purifier + classifier, a pytree of both models' variables."""
 
     purifier: Purifier
     classifier: Classifier
 
-    def _straight_through(self, x, logits):
+    def __call__(self, x, key, index=None):
+        logits = self.classifier(self.purifier(x, key, index))
         if self.purifier.config.grad != "blind":
             return logits
         direct = self.classifier(x)
         return direct + jax.lax.stop_gradient(logits - direct)
 
-    def __call__(self, x, key, index=None, draw=0):
-        """(B, H, W, C) in [0, 1] -> (B, num_classes) logits of one purification."""
-        return self._straight_through(x, self.classifier(self.purifier(x, key, index, draw)))
-
-    def eot(self, x, key, n_draws: int, index=None):
-        """(n_draws, B, num_classes) logits of n_draws purifications, in one batched call."""
-        purified = self.purifier.eot(x, key, n_draws, index)
-        logits = self.classifier(purified.reshape(-1, *x.shape[1:]))
-        logits = logits.reshape(n_draws, x.shape[0], -1)
-        return jax.vmap(lambda lg: self._straight_through(x, lg))(logits)
-
     def replace(self, **purify_config_changes) -> DefendedClassifier:
+        """The same models with some PurifyConfig fields changed, e.g. `.replace(grad='bpda')`."""
         return DefendedClassifier(self.purifier.replace(**purify_config_changes), self.classifier)
 
 
-class Undefended(eqx.Module):
-    """The classifier alone, with the defended model's signature `(x, key, index=None, draw=0)`."""
+class Undefended(AbstractRandomClassifier):
+    """The classifier alone, behind the random-classifier interface (key and index ignored)."""
 
     classifier: Classifier
 
-    def __call__(self, x, key, index=None, draw=0):
-        del key, index, draw
+    def __call__(self, x, key, index=None):
+        del key, index
         return self.classifier(x)
 
 

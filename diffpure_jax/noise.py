@@ -16,8 +16,8 @@ Two Brownian paths over the reverse-time grid are offered to diffrax:
   queries on the step grid, which is all a fixed-step solve makes (Euler, Heun, EulerHeun,
   Midpoint, ReversibleHeun). Cheap: one normal draw per step, nothing stored.
 * `TreeBrownianPath`: one diffrax `VirtualBrownianTree` per example, queried anywhere (needed by
-  solvers that evaluate off-grid or need Levy area). Several times slower: every query walks the
-  tree (jax_stack.md A1.6 measured 12-33x on a toy drift).
+  solvers that evaluate off-grid or need Levy area). Every query walks the tree, so it costs more
+  per step than the grid path; `benchmarks/purify_cpu.py` measures both (benchmarks/README.md).
 """
 
 from __future__ import annotations

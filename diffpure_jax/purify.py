@@ -15,11 +15,10 @@ Gradient modes (`PurifyConfig.grad`), named the same everywhere in the project:
   the paper: the state is reconstructed backwards in time with the same Brownian increments and the
   adjoint integrated with Euler, both evaluated at the right end of each step. (torchsde's default
   Milstein adjoint equals Euler here because the noise is additive.) It is not the gradient of the
-  computed forward path. Measured in `tests/test_gradients.py`: on the reference small NCSN++
-  (random weights, batch 2, 100 steps) the relative L2 gap to `exact` is 0.092 (cosine 0.997);
-  on a smooth analytic score it is 3.6e-3 at dt=1e-3 and shrinks linearly with dt. Non-Euler
-  solvers use diffrax's
-  BacksolveAdjoint (Stratonovich solvers only; valid because the noise is additive).
+  computed forward path; its gap to `exact` is first order in dt, measured in
+  `tests/test_gradients.py` (the numbers are in the README's "Measured" table). Non-Euler
+  solvers use diffrax's BacksolveAdjoint (Stratonovich solvers only; valid because the noise is
+  additive).
 * `bpda`: identity in the backward pass through the purifier (the paper's BPDA+EOT attack).
 * `blind`: no gradient through the purifier (`DefendedClassifier` then differentiates the
   classifier alone at x: attack the classifier, then purify).
@@ -41,6 +40,7 @@ import lineax
 import numpy as np
 
 from . import noise
+from .attacks.base import eot_keys
 from .score import SCORE_DTYPES, ScoreFn, ScoreModel, with_score_dtype
 from .sde import VPSDE
 
@@ -75,15 +75,12 @@ class PurifyConfig:
       score_dtype: 'float32' (default) or 'bfloat16': the dtype the score network computes in.
         In 'bfloat16' its variables and the inputs of its flax layers are cast to bfloat16; the
         SDE state, time, noise and the score (the network output divided by std(t)) stay float32.
-        Measured on the reference small NCSN++ (`tests/test_mixed_precision.py`, 10 steps):
-        purified images within 1.5e-3 (max abs) of float32's, classifier predictions unchanged;
-        on CPU it is not faster (bfloat16 pays off on GPUs/TPUs).
+        Its error against float32 is bounded in tests/test_mixed_precision.py.
       unroll: Euler only. Run the reverse steps as straight-line code instead of a loop: the
         `exact` gradient then rematerialises each step (jax.checkpoint, one state kept per step)
-        and the `adjoint` scan is unrolled. The values are the same (tests/test_purify.py). On
-        XLA:CPU a network VJP inside a loop is several times slower than unrolled (measured 6.3x
-        for 10 steps of the Fashion-MNIST NCSN++, benchmarks/README.md); compile time grows with
-        the step count, so use it for short solves (tens of steps) on CPU.
+        and the `adjoint` scan is unrolled. The values are the same (tests/test_purify.py);
+        compile time grows with the step count, so it is meant for short solves (tens of steps).
+        Its speed against the loop is measured in benchmarks/ (see benchmarks/README.md).
     """
 
     t_star: float = 0.1
@@ -316,6 +313,17 @@ def purify_with_keys(
     return out
 
 
+def diffuse_images(x: jax.Array, eps: jax.Array, t_star: float) -> jax.Array:
+    """The forward diffusion x_t* of images, in image units: the input of the reverse solve.
+
+    x: (B, H, W, C) images in [0, 1]; eps: standard normal noise of the same shape (e.g.
+    `noise.forward_noise(keys, ...)`, the noise a purification with those keys draws). Uses
+    DiffPure's discrete VP-SDE schedule on 2x - 1 and maps the result back with (y + 1) / 2.
+    Returns (B, H, W, C), not clipped (about [0, 1] plus noise of std sqrt(1 - alpha_bar(t*)) / 2).
+    """
+    return (VPSDE().diffuse(2.0 * x - 1.0, eps, t_star) + 1.0) / 2.0
+
+
 def _index(x, index):
     return jnp.arange(x.shape[0]) if index is None else jnp.asarray(index)
 
@@ -326,7 +334,6 @@ def purify(
     x: jax.Array,
     key: jax.Array,
     index: jax.Array | None = None,
-    draw: int | jax.Array = 0,
 ) -> jax.Array:
     """One purification of a batch.
 
@@ -334,13 +341,13 @@ def purify(
       score: the score model (pytree; pass it through jit as an argument).
       config: PurifyConfig (static).
       x: (B, H, W, C) float images in [0, 1].
-      key: PRNG key. Noise is a function of (key, index, draw, step).
+      key: PRNG key. Noise is a function of (key, index, step); another draw of the same input
+        is another key (EOT draws: `diffpure_jax.attacks.base.eot_keys`).
       index: (B,) int dataset indices of the examples; default arange(B). Pass the real indices to
         make each example's noise independent of the batch it is in.
-      draw: which purification of the same input (EOT copies use draws 0..n-1).
     Returns: (B, H, W, C) purified images, about [0, 1] (not clipped).
     """
-    return purify_with_keys(score, config, x, noise.example_keys(key, _index(x, index), draw))
+    return purify_with_keys(score, config, x, noise.example_keys(key, _index(x, index)))
 
 
 def purify_eot(
@@ -353,23 +360,23 @@ def purify_eot(
 ) -> jax.Array:
     """n_draws purifications of the same batch in one batched solve: (n_draws, B, H, W, C).
 
-    Draw d of example i equals `purify(..., index=i, draw=d)`.
+    Draw d equals `purify(..., eot_keys(key, n_draws)[d], index)`.
     """
     idx = _index(x, index)
-    keys = jax.vmap(lambda d: noise.example_keys(key, idx, d))(jnp.arange(n_draws))
+    keys = jax.vmap(lambda k: noise.example_keys(k, idx))(eot_keys(key, n_draws))
     flat = jnp.broadcast_to(x[None], (n_draws, *x.shape)).reshape(-1, *x.shape[1:])
     out = purify_with_keys(score, config, flat, keys.reshape(-1))
     return out.reshape(n_draws, *x.shape)
 
 
 class Purifier(eqx.Module):
-    """`purifier(x, key, index=None, draw=0)`: a ScoreModel bound to a PurifyConfig (a pytree)."""
+    """`purifier(x, key, index=None)`: a ScoreModel bound to a PurifyConfig (a pytree)."""
 
     score: ScoreModel
     config: PurifyConfig = eqx.field(static=True)
 
-    def __call__(self, x, key, index=None, draw=0):
-        return purify(self.score, self.config, x, key, index, draw)
+    def __call__(self, x, key, index=None):
+        return purify(self.score, self.config, x, key, index)
 
     def eot(self, x, key, n_draws: int, index=None):
         return purify_eot(self.score, self.config, x, key, n_draws, index)

@@ -101,7 +101,9 @@ class ScoreModel(eqx.Module):
     """A score network with its variables: `model(x, t)` is the score; a pytree, so it can be
     passed through `jax.jit` as an argument (params stay dynamic, not baked-in constants).
 
-    Attributes: `variables` (Flax variables), `score_fn` (static pure function), `sde`, `config`.
+    Attributes: `variables` (Flax variables), `score_fn` (static `ScoreFn`), `sde` (the `VPSDE`),
+    `image_shape` (H, W, C) of the images it scores. `model(x, t)`: x (B, H, W, C) in [-1, 1],
+    t () or (B,) diffusion time in [0, 1] -> score, x's shape.
     """
 
     variables: Any

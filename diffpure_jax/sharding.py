@@ -2,52 +2,29 @@
 
 Within a process, a batch is padded to a multiple of the local device count, placed with
 `NamedSharding(mesh, P('data'))` on a 1-D mesh of the local devices, and run through an ordinary
-`jax.jit` (or `eqx.filter_jit`); the model's arrays are replicated. XLA's partitioner splits the
-embarrassingly parallel batch over the devices. Across processes (hosts), nothing is sharded:
-process p runs the batches b with b % process_count == p on its own devices, and the results meet
-on a shared filesystem (`diffpure_jax.evaluate`). So every example is computed the same way
-whatever the number of devices or hosts.
+`jax.jit` (or `eqx.filter_jit`); the model's arrays are replicated and XLA's partitioner splits
+the batch over the devices. Across processes (hosts) nothing is sharded: process p runs the
+batches b with b % process_count == p on its own devices, and the results meet on a shared
+filesystem (`diffpure_jax.runner`). Every example is computed the same way whatever the number of
+devices or hosts: sharded results equal unsharded ones bit for bit (tests/test_sharding.py).
 
-Why jit over an Auto mesh and not `jax.shard_map`: diffrax does not differentiate inside
-shard_map (diffrax issues #735, #738 and #765, open). Observed on jax 0.10.2, diffrax 0.7.2,
-equinox 0.13.8, `purify` of a (8, 4, 4, 3) batch on 4 CPU devices:
+Why jit over an `AxisType.Auto` mesh and not `jax.shard_map`: diffrax solves inside shard_map
+cannot be differentiated today (`jax.grad` fails at trace time, on mismatched cond branch types
+or on diffrax's closure conversion). Nor can they under jit over an Explicit mesh, which
+`jax.make_mesh` builds by default, hence `data_mesh`. Only APIs common to the supported jax
+versions (0.10.2 to 0.12) are used.
 
-* `jax.shard_map(..., check_vma=True)`: forward and grad fail at trace time with
-  `TypeError: cond branches must have equal output types but they differ.` (the cond of
-  `equinox.error_if` in `check_images`; without it, the cond in diffrax/_integrate.py:261).
-* `check_vma=False`: the forward runs; `jax.grad` fails with `ValueError: Closure-converted
-  function called with different dynamic arguments to the example arguments provided`.
-* `jax.jit` on inputs sharded over an Explicit mesh (what `jax.make_mesh` gives by default since
-  jax 0.9): the gradient fails with `ShardingTypeError: dynamic_update_slice operand sharding
-  must be equal to update sharding` (`TypeError: cond branches ...` under `jax.set_mesh`).
-* `jax.jit` on inputs sharded over an Auto mesh: forward and gradient work and equal the
-  unsharded results bit for bit (tests/test_sharding.py).
-
-Hence `data_mesh` builds a `jax.sharding.Mesh(devices, ('data',), axis_types=(AxisType.Auto,))`
-explicitly. On jax 0.10.2 the enum is `jax.sharding.AxisType` (Auto, Explicit, Manual) and both
-`Mesh` and `jax.make_mesh` take `axis_types`; `Mesh` alone keeps the given device order. Only
-APIs that jax 0.10.2 to 0.12 share are used (Mesh, NamedSharding, PartitionSpec, device_put,
-jax.distributed, multihost_utils.sync_global_devices / process_allgather).
-
-Performance caveat, measured (same setup): an `equinox.error_if` on a batch-sized array, such as
-the range check in `purify.check_images`, lowers to a cond around a `pure_callback` that XLA pins
-to device 0 ("Involuntary full rematerialization ... {maximal device=0}"). Everything after it
-then runs on the whole batch on every device: the optimised HLO of the forward named full-batch
-f32[8,4,4,3] values 227 times and per-device f32[2,4,4,3] ones 11 times. With the check applied
-to a scalar instead (`x + eqx.error_if(jnp.zeros((), x.dtype), bad, msg)`), it was 5 and 194 for
-the forward and 0 and 401 for the gradient. Results are identical either way.
-A runtime error of `equinox.error_if` (e.g. an image outside [0, 1]) inside a multi-device
-program does not come back as an exception, with or without that change: device 0's callback
-raises, the other devices wait in an all-reduce, and XLA aborts the process after 40 s
-("Termination timeout for `all reduce` ... Exiting to ensure a consistent program state").
-Validate inputs on the host before sharding them (`evaluate.run_evaluation` does).
+Two limits of `equinox.error_if` on a mesh: on a batch-sized array it pins its host callback to
+device 0 and XLA then runs everything after it on the whole batch on every device (so
+`purify.check_images` guards a scalar); and a failed check does not raise but aborts the process
+(the other devices time out in an all-reduce). Validate inputs on the host before sharding them,
+as `runner.run_evaluation` does.
 
 Padding: rows are padded with copies of the first row and with distinct negative dataset indices
-(`pad_index`). The purification noise is a function of (key, dataset index, draw, step), the
-attacks draw their random numbers with shapes whose leading axis is the batch, and with
-`jax_threefry_partitionable` (the default since jax 0.5) such draws are prefix-consistent (row i
-of a (B + k, ...) draw equals row i of a (B, ...) draw). So padding rows do not change the real
-rows' results; they are dropped with `unpad`.
+(`pad_index`). The purification noise is a function of (key, dataset index, draw, step), and the
+attacks' random draws have the batch as leading axis, which `jax_threefry_partitionable` (jax's
+default) makes prefix-consistent: row i of a (B + k, ...) draw equals row i of a (B, ...) draw.
+So padding rows do not change the real rows' results; `unpad` drops them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Self-check of the purifier and its gradient modes on this machine.
 
-    python -m experiments.purify_check                      # random small NCSN++, 8x8 images
+    python -m experiments.purify_check                      # random tiny NCSN++, 8x8 images
     python -m experiments.purify_check --score checkpoints/cifar10-ddpmpp-deep-cont --batch 8
 
 Purifies a batch of random images, then for every gradient mode computes d/dx of a fixed linear
@@ -16,25 +16,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from diffpure_jax import GRAD_MODES, VPSDE, PurifyConfig, ScoreModel, load_score_model, purify
-from diffpure_jax.models.ncsnpp import NCSNpp
-from diffpure_jax.score import eps_continuous_score_fn
-
-
-def random_score_model(image_size: int, seed: int) -> ScoreModel:
-    model = NCSNpp(
-        nf=16,
-        ch_mult=(1, 2),
-        num_res_blocks=1,
-        attn_resolutions=(image_size // 2,),
-        image_size=image_size,
-        init_scale=1.0,
-        dropout=0.0,
-    )
-    shape = (image_size, image_size, 3)
-    variables = model.init(jax.random.key(seed), jnp.zeros((1, *shape)), jnp.zeros((1,)))
-    sde = VPSDE()
-    return ScoreModel(variables, eps_continuous_score_fn(model.apply, sde), sde, shape)
+from diffpure_jax import GRAD_MODES, PurifyConfig, load_score_model, purify
+from diffpure_jax.models.ncsnpp import tiny_score_model
 
 
 def timed(fn, *args):
@@ -45,7 +28,9 @@ def timed(fn, *args):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--score", help="score checkpoint directory (default: random small NCSN++)")
+    parser.add_argument(
+        "--score", help="score checkpoint directory (default: random tiny NCSN++, nf 16)"
+    )
     parser.add_argument("--image-size", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--t-star", type=float, default=0.1)
@@ -53,7 +38,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    score = load_score_model(args.score) if args.score else random_score_model(args.image_size, 0)
+    if args.score:
+        score = load_score_model(args.score)
+    else:
+        score = tiny_score_model(args.image_size, nf=16)
     key = jax.random.key(args.seed)
     kx, kw, kd, kn = jax.random.split(key, 4)
     x = jax.random.uniform(kx, (args.batch, *score.image_shape), minval=0.1, maxval=0.9)

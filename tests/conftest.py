@@ -27,21 +27,6 @@ def reference_dir() -> Path:
     )
 
 
-def nhwc(a):
-    """NCHW numpy (official layout) -> NHWC jax array."""
-    import jax.numpy as jnp
-
-    return jnp.asarray(a.transpose(0, 2, 3, 1))
-
-
-def max_rel_err(ours, ref) -> float:
-    """max |ours - ref| / max |ref| (ours NHWC or any layout matching ref)."""
-    import numpy as np
-
-    ours, ref = np.asarray(ours), np.asarray(ref)
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
-
-
 @pytest.fixture(scope="session")
 def small_score_dir(reference_dir, tmp_path_factory) -> str:
     """The reference small NCSN++ (nf=16, 2 res blocks) converted from its .pth (EMA weights)."""

@@ -16,11 +16,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from multihost_worker import TRACES, problem  # noqa: E402
-from test_gradients import gaussian_score  # noqa: E402
+from helpers import TRACES, gaussian_score, problem  # noqa: E402
 
 from diffpure_jax import PurifyConfig, purify, sharding  # noqa: E402
-from diffpure_jax.evaluate import read_records, run_evaluation  # noqa: E402
+from diffpure_jax.runner import read_records, run_evaluation  # noqa: E402
 
 
 def compare(a, b) -> dict:

@@ -1,4 +1,4 @@
-"""APGD (diffpure_jax.attacks.apgd) and its losses on small trained models (attack_models)."""
+"""APGD (diffpure_jax.attacks.apgd) and its losses on small trained models (tests/helpers.py)."""
 
 import sys
 from pathlib import Path
@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from attack_models import synthetic_data, trained_linear, trained_mlp  # noqa: E402
+from helpers import synthetic_data, trained_linear, trained_mlp  # noqa: E402
 
 from diffpure_jax.attacks import losses  # noqa: E402
 from diffpure_jax.attacks.apgd import (  # noqa: E402

@@ -4,8 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attack_models import synthetic_data, trained_mlp
-from test_evaluate import NoisyModel
+from helpers import NoisyModel, synthetic_data, trained_mlp
 
 from diffpure_jax.attacks.autoattack import autoattack, autoattack_config
 from diffpure_jax.attacks.base import Threat, in_threat

@@ -9,6 +9,7 @@ import tensorflow_datasets as tfds
 
 from diffpure_jax.checkpoint import save_variables
 from diffpure_jax.models import build_model
+from diffpure_jax.models.ncsnpp import tiny_ncsnpp_kwargs
 from experiments import cifar_autoattack
 
 
@@ -28,10 +29,7 @@ def tiny_score(tmp_path_factory):
     """A small NCSN++ (nf 8, one resolution change) with random weights, saved as a checkpoint:
     the CLI's wiring does not need the reference model, whose exact-gradient attack compiles
     for minutes on a 2-core CPU (the converted model is tested in test_convert_cli)."""
-    kwargs = {
-        "nf": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [16],
-        "image_size": 32, "dropout": 0.0,
-    }  # fmt: skip
+    kwargs = tiny_ncsnpp_kwargs(32, init_scale=0.0)
     model = build_model("ncsnpp", kwargs)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,)))
     path = str(tmp_path_factory.mktemp("ckpt") / "score")
@@ -57,7 +55,9 @@ def test_undefended_standard_autoattack_on_mock_cifar10(random_wrn, tmp_path, ca
         "apgd-ce", "apgd-t", "fab-t", "square",
     ]  # fmt: skip
     assert summary["max_linf"] <= 8 / 255 + 1e-6
-    records = [json.loads(line) for line in (tmp_path / "run" / "records.jsonl").open()]
+    (workdir,) = (tmp_path / "run").iterdir()  # --workdir/<row>-<hash of the settings>
+    assert workdir.name.startswith("undefended-")
+    records = [json.loads(line) for line in (workdir / "records.jsonl").open()]
     assert sorted(r["index"] for r in records) == sorted(set(r["index"] for r in records))
     assert "| one_draw | 6 |" in capsys.readouterr().out
 

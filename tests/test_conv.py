@@ -11,6 +11,7 @@ from jax import lax
 
 from diffpure_jax import models
 from diffpure_jax.models.conv import conv_general_dilated
+from diffpure_jax.models.ncsnpp import tiny_ncsnpp_kwargs
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -106,11 +107,8 @@ def _sub_jaxprs(params):
 SMALL = {
     "wideresnet": {"depth": 10, "widen_factor": 1},
     "dm_wideresnet": {"depth": 10, "width": 1},
-    "ncsnpp": {
-        "nf": 8, "ch_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (4,),
-        "image_size": 8, "num_channels": 1, "dropout": 0.0,
-    },
-}  # fmt: skip
+    "ncsnpp": tiny_ncsnpp_kwargs(8, num_channels=1, init_scale=0.0),
+}
 
 
 @pytest.mark.parametrize("architecture", sorted(SMALL))

@@ -5,7 +5,7 @@ import sys
 
 import jax
 import numpy as np
-from conftest import max_rel_err, nhwc
+from helpers import max_rel_err, nhwc
 
 from diffpure_jax import load_classifier, load_score_model
 from diffpure_jax.convert.__main__ import main

@@ -2,34 +2,15 @@
 
 import json
 
-import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attack_models import synthetic_data, trained_mlp
+from helpers import Killed, NoisyModel, kill_at, synthetic_data, trained_mlp
 
 from diffpure_jax.attacks.base import Threat
-from diffpure_jax.evaluate import (
-    Evaluation,
-    parse_protocols,
-    pgd_suite,
-    protocol_scores,
-    read_records,
-    run_evaluation,
-)
-
-
-class NoisyModel(eqx.Module):
-    """A random 'defense': logits plus Gaussian noise drawn from (key, dataset index)."""
-
-    model: eqx.Module
-    scale: float = 1.0
-
-    def __call__(self, x, key, index=None, draw=0):
-        index = jnp.arange(x.shape[0]) if index is None else index
-        noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (10,)))(index)
-        return self.model(x) + self.scale * noise
+from diffpure_jax.attacks.suites import pgd_suite
+from diffpure_jax.protocols import parse_protocols, protocol_scores
+from diffpure_jax.runner import Evaluation, read_records, run_evaluation
 
 
 def test_protocol_scores():
@@ -45,10 +26,6 @@ def test_protocol_scores():
     ]
     with pytest.raises(ValueError, match="unknown protocol"):
         parse_protocols(["best_of_3"])
-
-
-class Killed(Exception):
-    pass
 
 
 def _evaluation(**kw):
@@ -71,12 +48,8 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     model = NoisyModel(trained_mlp())
     full = run_evaluation(_evaluation(), model, x, y, index, str(tmp_path / "full"), False)
 
-    def kill(batch):
-        if batch == 1:
-            raise Killed
-
     with pytest.raises(Killed):
-        run_evaluation(_evaluation(), model, x, y, index, str(tmp_path / "part"), False, kill)
+        run_evaluation(_evaluation(), model, x, y, index, str(tmp_path / "part"), False, kill_at(1))
     assert len(read_records(str(tmp_path / "part"))) == 8  # batches 0 and 1 are durable
     # A torn line from a kill mid-write is ignored and repaired.
     with open(tmp_path / "part" / "records.jsonl", "a") as f:

@@ -11,8 +11,8 @@ import pytest
 
 from diffpure_jax import load_classifier, load_purifier, load_score_model
 from diffpure_jax.data import fashion_mnist_test
+from diffpure_jax.purified import load_purified
 from diffpure_jax.sample import sample
-from diffpure_jax.train.purified import load_purified
 from experiments import fashion_mnist_autoattack
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,13 +42,14 @@ def test_embedded_default_runs_at_its_smallest_size(tmp_path, capsys, test_subse
     assert again == table
 
     # The report's figures read these workdirs: the example grid and the t* plot.
-    from experiments import fashion_mnist_report
+    from experiments.reports import grid as grid_report
+    from experiments.reports import sweep as sweep_report
 
     (diffpure,) = [d for d in os.listdir(tmp_path) if d.startswith("diffpure-")]
     workdir = os.path.join(tmp_path, diffpure)
     grid, sweep = tmp_path / "grid.png", tmp_path / "sweep.png"
-    fashion_mnist_report.main(["grid", "--workdir", workdir, "--n", "2", "--out", str(grid)])
-    fashion_mnist_report.main(["sweep", "--workdirs", workdir, "--out", str(sweep)])
+    grid_report.main(["--workdir", workdir, "--n", "2", "--out", str(grid)])
+    sweep_report.main(["--workdirs", workdir, "--out", str(sweep)])
     assert grid.read_bytes()[:4] == sweep.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -76,12 +77,12 @@ def test_samples_have_the_image_shape_and_range():
 
 
 def test_accuracy_report_scores_every_classifier_on_the_same_purified_images(tmp_path):
-    from experiments import fashion_mnist_report
+    from experiments.reports import accuracy as report
 
     out = tmp_path / "accuracy.json"
     classifiers = [os.path.join(CKPT, "fmnist-wrn-16-1"), os.path.join(CKPT, "fmnist-wrn-16-1-pgd")]
-    result = fashion_mnist_report.main(
-        ["accuracy", "--n", "6", "--dt", "0.05", "--batch-size", "4", "--out", str(out),
+    result = report.main(
+        ["--n", "6", "--dt", "0.05", "--batch-size", "4", "--out", str(out),
          "--no-progress", "--purified-root", str(tmp_path / "purified"),
          "--score", os.path.join(CKPT, "fmnist-ncsnpp-small"), "--classifier", *classifiers]
     )  # fmt: skip
@@ -99,22 +100,23 @@ def test_accuracy_report_scores_every_classifier_on_the_same_purified_images(tmp
             assert scores["accuracy"] == pytest.approx(100.0 * counts[:, 1].sum() / 6)
     # The purified images were kept: a rerun reads them back and gives the same numbers.
     assert len(list((tmp_path / "purified").glob("*/chunk_*.npz"))) == 2
-    assert fashion_mnist_report.main(
-        ["accuracy", "--n", "6", "--dt", "0.05", "--batch-size", "4", "--no-progress",
+    assert report.main(
+        ["--n", "6", "--dt", "0.05", "--batch-size", "4", "--no-progress",
          "--purified-root", str(tmp_path / "purified"),
          "--score", os.path.join(CKPT, "fmnist-ncsnpp-small"), "--classifier", *classifiers]
     ) == result  # fmt: skip
 
 
 def test_reverse_draws_report_votes_over_reverse_solves_of_one_diffusion(tmp_path):
-    from experiments import fashion_mnist_report
+    from experiments.reports import accuracy as accuracy_report
+    from experiments.reports import reverse_draws
 
     classifier = os.path.join(CKPT, "fmnist-wrn-16-1")
     common = ["--n", "4", "--dt", "0.05", "--batch-size", "4", "--no-progress",
               "--score", os.path.join(CKPT, "fmnist-ncsnpp-small"), "--classifier", classifier,
               "--purified-root", str(tmp_path / "purified")]  # fmt: skip
-    accuracy = fashion_mnist_report.main(["accuracy", *common])
-    result = fashion_mnist_report.main(["reverse-draws", "--draws", "3", *common])
+    accuracy = accuracy_report.main(common)
+    result = reverse_draws.main(["--draws", "3", *common])
     scores = result["classifiers"][classifier]
     # Draw 0 is the accuracy report's purification (its kept images are read back).
     first = accuracy["classifiers"][classifier]["purified_t0.1"]
@@ -131,13 +133,11 @@ def test_reverse_draws_report_votes_over_reverse_solves_of_one_diffusion(tmp_pat
 
 
 def test_diffused_report_scores_classifiers_on_the_start_of_the_reverse_solve(tmp_path):
-    from experiments import fashion_mnist_report
+    from experiments.reports import diffused as report
 
     path = os.path.join(CKPT, "fmnist-wrn-16-1")
     out = tmp_path / "diffused.json"
-    result = fashion_mnist_report.main(
-        ["diffused", "--n", "8", "--classifier", path, "--out", str(out)]
-    )
+    result = report.main(["--n", "8", "--classifier", path, "--out", str(out)])
     assert json.loads(out.read_text()) == result
     x, y, _ = fashion_mnist_test(8, seed=0)
     probs = np.asarray(jax.nn.softmax(load_classifier(path)(jnp.asarray(x)), -1))
@@ -149,29 +149,3 @@ def test_diffused_report_scores_classifiers_on_the_start_of_the_reverse_solve(tm
     diffused = result["classifiers"][path]["diffused_t0.1"]
     assert 0.0 <= diffused["mean_true_class_probability"] <= 100.0
     assert diffused["mean_true_class_probability"] != clean["mean_true_class_probability"]
-
-
-def test_purification_aware_fine_tuning_from_the_command_line(tmp_path):
-    from experiments import purify_train_set, train_classifier
-
-    pool = str(tmp_path / "pool")
-    flags = ["--n", "4", "--dt", "0.05", "--chunk-size", "2", "--out", pool, "--no-progress"]
-    assert purify_train_set.main(flags) == pool
-    index, x_purified = load_purified(pool)
-    assert x_purified.shape == (4, 28, 28, 1) and len(set(index.tolist())) == 4
-
-    base = os.path.join(CKPT, "fmnist-wrn-16-1")
-    args = ["--init-from", base, "--purified", pool, "--epochs", "0.003", "--lr", "0.001"]
-    out = str(tmp_path / "pa")
-    config = train_classifier.main(
-        [*args, "--out", out, "--workdir", str(tmp_path / "w"), "--no-progress"]
-    )
-    assert config["training"]["provenance"] == {
-        "purified": pool, "n_purified": 4, "init_from": base
-    }  # fmt: skip
-    assert config["training"]["training"]["purified_prob"] == 1.0
-    assert config["test_accuracy"] > 90.0  # one small step from the shipped classifier
-    with pytest.raises(SystemExit, match="widen-factor"):
-        train_classifier.main(
-            [*args, "--widen-factor", "2", "--out", str(tmp_path / "x"), "--no-progress"]
-        )

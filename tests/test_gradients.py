@@ -12,40 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import gaussian_score
 
-from diffpure_jax import VPSDE, PurifyConfig, purify, purify_eot
-from diffpure_jax.models.ncsnpp import NCSNpp
-from diffpure_jax.score import ScoreModel, eps_continuous_score_fn
-
-
-def tiny_ncsnpp_score(dtype):
-    """An 8x8 NCSN++ with O(1) random weights (init_scale=1 so the output is not ~0)."""
-    model = NCSNpp(
-        nf=8,
-        ch_mult=(1, 2),
-        num_res_blocks=1,
-        attn_resolutions=(4,),
-        image_size=8,
-        init_scale=1.0,
-        dropout=0.0,
-    )
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3), dtype), jnp.zeros((1,)))
-    variables = jax.tree.map(lambda a: a.astype(dtype), variables)
-    sde = VPSDE()
-    return ScoreModel(variables, eps_continuous_score_fn(model.apply, sde), sde, (8, 8, 3))
-
-
-def gaussian_score(shape=(4, 4, 3)):
-    """Score of N(mu, s2) data diffused by the VP-SDE, plus a smooth nonlinearity."""
-    sde = VPSDE()
-
-    def score_fn(p, x, t):
-        t = jnp.broadcast_to(t, x.shape[:1])[:, None, None, None]
-        ab = sde.alpha_bar(t)
-        return -(x - jnp.sqrt(ab) * p["mu"]) / (ab * p["s2"] + 1 - ab) + p["c"] * jnp.tanh(x)
-
-    params = {"s2": jnp.asarray(0.3), "mu": jnp.asarray(0.1), "c": jnp.asarray(0.5)}
-    return ScoreModel(params, score_fn, sde, shape)
+from diffpure_jax import PurifyConfig, purify, purify_eot
+from diffpure_jax.attacks.base import eot_keys
+from diffpure_jax.models.ncsnpp import tiny_score_model
 
 
 def linear_loss(score, config, x, key, w):
@@ -54,7 +25,7 @@ def linear_loss(score, config, x, key, w):
 
 def test_exact_gradient_matches_finite_differences_float64():
     with jax.enable_x64(True):
-        score = tiny_ncsnpp_score(jnp.float64)
+        score = tiny_score_model(dtype=jnp.float64)
         config = PurifyConfig(t_star=0.1, dt=0.01)
         x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3), jnp.float64, 0.1, 0.9)
         w = jax.random.normal(jax.random.key(2), x.shape, jnp.float64)
@@ -141,8 +112,8 @@ def test_eot_gradient_is_mean_of_per_draw_gradients():
         return jnp.mean(jnp.sum(w * purify_eot(score, config, x, key, 4), axis=(1, 2, 3, 4)))
 
     eot = jax.grad(eot_loss)(x)
-    draw_grad = jax.jit(jax.grad(lambda x, d: jnp.sum(w * purify(score, config, x, key, draw=d))))
-    per_draw = [draw_grad(x, d) for d in range(4)]
+    draw_grad = jax.jit(jax.grad(lambda x, k: jnp.sum(w * purify(score, config, x, k))))
+    per_draw = [draw_grad(x, k) for k in eot_keys(key, 4)]
     np.testing.assert_allclose(eot, np.mean(per_draw, axis=0), rtol=1e-5, atol=1e-6)
     # The draws really differ, so the test is not trivially satisfied.
     assert rel(per_draw[0], per_draw[1]) > 1e-3

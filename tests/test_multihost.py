@@ -14,10 +14,11 @@ import sys
 import time
 
 import numpy as np
-from multihost_worker import problem
+from helpers import problem
 
-from diffpure_jax.evaluate import read_records, run_evaluation
+from diffpure_jax.runner import read_records, run_evaluation
 from experiments import cifar_autoattack
+from experiments.config import identity
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 TIMEOUT_S = 180
@@ -126,9 +127,9 @@ def test_resume_from_an_interrupted_multiprocess_run(tmp_path):
 
 def test_cli_process_flags_do_not_change_the_run_identity():
     argv = ["--coordinator", "host0:1234", "--num-processes", "4", "--process-id", "2"]
-    args = cifar_autoattack.build_parser().parse_args(argv)
-    assert (args.coordinator, args.num_processes, args.process_id) == ("host0:1234", 4, 2)
-    plain = cifar_autoattack.build_parser().parse_args([])
+    run = cifar_autoattack.get_run(argv)
+    assert (run.coordinator, run.num_processes, run.process_id) == ("host0:1234", 4, 2)
+    plain = cifar_autoattack.get_run([])
     # A run may resume with another number of processes: these flags are not in run_config.json.
-    assert not {"coordinator", "num_processes", "process_id"} & set(cifar_autoattack.settings(args))
-    assert cifar_autoattack.settings(args) == cifar_autoattack.settings(plain)
+    assert not {"coordinator", "num_processes", "process_id"} & set(identity(run))
+    assert identity(run) == identity(plain)

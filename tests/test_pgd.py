@@ -1,5 +1,6 @@
 """PGD(-EOT) (diffpure_jax.attacks.pgd) on small trained models: stopping at the first success,
-or taking every step and being judged at the last iterate (`stop_at_success=False`)."""
+or taking every step and being judged at the last iterate (`stop_at_success=False`); BPDA+EOT
+(`bpda_eot`, `suites.bpda_eot_suite`) as PGD with DiffPure's settings."""
 
 import sys
 from pathlib import Path
@@ -11,11 +12,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from attack_models import synthetic_data, trained_mlp  # noqa: E402
+from helpers import NoisyModel, synthetic_data, trained_mlp  # noqa: E402
 
 from diffpure_jax.attacks.base import Threat, in_threat, project  # noqa: E402
 from diffpure_jax.attacks.losses import cross_entropy  # noqa: E402
-from diffpure_jax.attacks.pgd import pgd  # noqa: E402
+from diffpure_jax.attacks.pgd import bpda_eot, pgd  # noqa: E402
+from diffpure_jax.attacks.suites import bpda_eot_suite, pgd_suite  # noqa: E402
 
 KEY = jax.random.key(0)
 
@@ -89,3 +91,46 @@ def test_inactive_examples_are_unchanged(setup):
     )  # fmt: skip
     np.testing.assert_array_equal(np.asarray(res.x_adv)[1::2], np.asarray(x)[1::2])
     assert not np.asarray(res.fooled)[1::2].any()
+
+
+# --- BPDA+EOT: DiffPure's settings of pgd -------------------------------------------------------
+
+DIFFPURE_BPDA = dict(
+    n_iter=50, step_size=2 / 255, n_eot=15, average="logits", random_start=False,
+    recheck_draws=150,
+)  # fmt: skip
+
+
+def _assert_same(a, b):
+    np.testing.assert_array_equal(np.asarray(a.x_adv), np.asarray(b.x_adv))
+    np.testing.assert_array_equal(np.asarray(a.fooled), np.asarray(b.fooled))
+
+
+def test_bpda_eot_is_pgd_with_diffpure_settings(setup):
+    _, x, y = setup
+    model = NoisyModel(trained_mlp(), scale=1.0)  # random: n_eot, average, recheck all matter
+    threat = Threat("Linf", 8 / 255)
+    got = bpda_eot(model, x, y, KEY, threat=threat)
+    _assert_same(got, pgd(model, x, y, KEY, threat=threat, **DIFFPURE_BPDA))
+    # No random start, steps of 2/255: every coordinate the box did not clip moved by a whole
+    # number of steps (at most eps = 4 steps), and the attack moved some points.
+    delta = np.asarray(got.x_adv) - np.asarray(x)
+    unclipped = (np.asarray(got.x_adv) > 0) & (np.asarray(got.x_adv) < 1)
+    steps = delta[unclipped] / (2 / 255)
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
+    assert np.abs(steps).max() <= 4 + 1e-3 and np.abs(delta).max() > 0
+
+
+def test_bpda_eot_overrides_pass_through(setup):
+    _, x, y = setup
+    model = NoisyModel(trained_mlp(), scale=1.0)
+    threat = Threat("Linf", 0.06)
+    small = dict(n_iter=3, n_eot=2)
+    got = bpda_eot(model, x, y, KEY, threat=threat, **small)
+    _assert_same(got, pgd(model, x, y, KEY, threat=threat, **{**DIFFPURE_BPDA, **small}))
+    # The suite runs bpda_eot as pgd_suite runs pgd with the same settings.
+    suite = bpda_eot_suite(threat, **small)(model, x, y, KEY)
+    same = pgd_suite(threat, "bpda-eot", **{**DIFFPURE_BPDA, **small})(model, x, y, KEY)
+    assert set(suite.attack_preds) == {"bpda-eot"}
+    for a, b in zip(jax.tree_util.tree_leaves(suite), jax.tree_util.tree_leaves(same), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_gradients import gaussian_score, tiny_ncsnpp_score
+from helpers import gaussian_score
 
 from diffpure_jax import (
     Classifier,
@@ -17,6 +17,8 @@ from diffpure_jax import (
     purify,
     purify_eot,
 )
+from diffpure_jax.attacks.base import eot_keys
+from diffpure_jax.models.ncsnpp import tiny_score_model
 from diffpure_jax.purify import purify_with_keys
 
 CFG = PurifyConfig(t_star=0.05, dt=0.01)
@@ -70,10 +72,10 @@ def test_noise_is_independent_of_batch_composition():
     full = purify(score, CFG, x, key, index=jnp.arange(10, 15))
     sub = purify(score, CFG, x[jnp.array([3, 1])], key, index=jnp.array([13, 11]))
     np.testing.assert_allclose(sub, full[jnp.array([3, 1])], rtol=1e-6, atol=1e-6)
-    # Different keys, indices or draws give different noise.
+    # Different indices or keys (another EOT draw) give different noise.
     other = purify(score, CFG, x, key, index=jnp.arange(5))
     assert float(jnp.abs(other - full).max()) > 1e-2
-    redraw = purify(score, CFG, x, key, index=jnp.arange(10, 15), draw=1)
+    redraw = purify(score, CFG, x, eot_keys(key, 2)[1], index=jnp.arange(10, 15))
     assert float(jnp.abs(redraw - full).max()) > 1e-2
 
 
@@ -84,7 +86,7 @@ def test_eot_draws_equal_single_draws():
     eot = purify_eot(score, CFG, x, key, 3, index=jnp.array([4, 5, 6]))
     assert eot.shape == (3, 3, 4, 4, 3)
     for d in range(3):
-        single = purify(score, CFG, x, key, index=jnp.array([4, 5, 6]), draw=d)
+        single = purify(score, CFG, x, eot_keys(key, 3)[d], index=jnp.array([4, 5, 6]))
         np.testing.assert_allclose(eot[d], single, rtol=1e-6, atol=1e-6)
 
 
@@ -138,7 +140,7 @@ def test_defended_classifier_modes():
     logits = defended(x, key)
     np.testing.assert_allclose(logits, classifier(purify(score, CFG, x, key)), rtol=1e-6)
     eot = defended.eot(x, key, 2)
-    np.testing.assert_allclose(eot[1], defended(x, key, draw=1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(eot[1], defended(x, eot_keys(key, 2)[1]), rtol=1e-5, atol=1e-6)
 
     def loss(model, x):
         return jnp.sum(model(x, key)[:, 0])
@@ -159,7 +161,7 @@ def test_defended_classifier_modes():
 )
 def test_unrolled_solve_equals_the_loop(grad, probability_flow):
     """unroll=True changes how the steps are compiled, not the values or the gradients."""
-    score = tiny_ncsnpp_score(jnp.float32)
+    score = tiny_score_model()
     config = PurifyConfig(t_star=0.04, dt=0.01, grad=grad, probability_flow=probability_flow)
     x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3))
     w = jax.random.normal(jax.random.key(3), x.shape)

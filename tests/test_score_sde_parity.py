@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import max_rel_err, nhwc
+from helpers import max_rel_err, nhwc
 
 from diffpure_jax import PurifyConfig
 from diffpure_jax.checkpoint import read_config

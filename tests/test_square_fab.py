@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from attack_models import synthetic_data, trained_linear, trained_mlp
+from helpers import synthetic_data, trained_linear, trained_mlp
 from scipy.optimize import linprog
 
 from diffpure_jax.attacks.base import Threat, in_threat, lp_norm

@@ -7,31 +7,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import Killed, kill_at, square_images
 
 from diffpure_jax import load_classifier, load_purifier, models
+from diffpure_jax.models.ncsnpp import tiny_ncsnpp_kwargs
 from diffpure_jax.sde import VPSDE
 from diffpure_jax.train import ClassifierTraining, LoopConfig, batch_indices
 from diffpure_jax.train import classifier as clf
 from diffpure_jax.train import score as sc
 
-SMALL_NCSNPP = {
-    "nf": 8,
-    "ch_mult": [1, 2],
-    "num_res_blocks": 1,
-    "attn_resolutions": [4],
-    "image_size": 8,
-    "num_channels": 1,
-    "dropout": 0.0,
-}
+SMALL_NCSNPP = tiny_ncsnpp_kwargs(8, num_channels=1, init_scale=0.0)
 SMALL_WRN = {"depth": 10, "widen_factor": 1, "num_classes": 10}
-
-
-def images(n, size=8, seed=0):
-    rng = np.random.default_rng(seed)
-    x = np.zeros((n, size, size, 1), np.float32)
-    x[:, 2:-2, 2:-2] = rng.uniform(0.5, 1.0, (n, 1, 1, 1))  # bright squares on black
-    y = (x[:, size // 2, size // 2, 0] * 20).astype(np.int32) % 10
-    return x, y
+images = square_images
 
 
 def test_score_step_lowers_the_loss_on_a_fixed_batch():
@@ -134,10 +121,6 @@ def test_batches_are_seeded_epoch_permutations():
     assert not np.array_equal(batch_indices(10, 3, 0, 3), a[0])  # next epoch, new permutation
 
 
-class Killed(Exception):
-    pass
-
-
 def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path):
     x, y = images(48)
     loop = LoopConfig(n_steps=6, batch_size=8, seed=3, save_every=2, log_every=1)
@@ -150,12 +133,8 @@ def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path):
 
     _, straight = run(str(tmp_path / "a"), str(tmp_path / "wa"))
 
-    def kill_after_3(step):
-        if step == 3:
-            raise Killed
-
     with pytest.raises(Killed):
-        run(None, str(tmp_path / "wb"), kill_after_3)
+        run(None, str(tmp_path / "wb"), kill_at(3))
     _, resumed = run(str(tmp_path / "b"), str(tmp_path / "wb"))
     jax.tree.map(np.testing.assert_array_equal, straight, resumed)
     log = [json.loads(line) for line in (tmp_path / "wb" / "log.jsonl").open()]

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -122,6 +123,14 @@ class _Config:
     use_largereps: bool
     n_targets: int  # > 0: APGD-T over the n_targets runner-up classes of the clean pass
 
+    @classmethod
+    def of(cls, threat, n_iter, n_restarts, n_eot, rho, momentum, use_largereps, n_targets):
+        """The static config of a call, every value cast to its Python type (hashable)."""
+        return cls(
+            threat.norm, float(threat.eps), int(n_iter), int(n_restarts), int(n_eot),
+            float(rho), float(momentum), bool(use_largereps), int(n_targets),
+        )  # fmt: skip
+
 
 def _bcast(v, x):
     return v.reshape((-1,) + (1,) * (x.ndim - 1))
@@ -153,6 +162,26 @@ def _windows(norm: str, n_iter: int) -> np.ndarray:
             w[c - 1] = c - prev
             prev = c
     return w
+
+
+class _LoopState(NamedTuple):
+    """The carry of one APGD run's loop; every field is per example (leading axis B)."""
+
+    x_adv: jax.Array  # the current iterate x_k
+    x_old: jax.Array  # the previous iterate x_{k-1} (momentum)
+    grad: jax.Array  # the gradient at x_adv (at x_best after a reset)
+    loss_prev: jax.Array  # the loss at the previous iterate (condition 1's counter)
+    n_incr: jax.Array  # int32: iterations in the current window whose loss increased
+    x_best: jax.Array  # the best loss point so far
+    grad_best: jax.Array  # its gradient
+    loss_best: jax.Array  # its loss
+    loss_best_last: jax.Array  # loss_best at the previous checkpoint (condition 2)
+    reduced_last: jax.Array  # bool: the step was halved at the previous checkpoint
+    step: jax.Array  # the step size eta
+    x_best_adv: jax.Array  # the last misclassified iterate (x_adv's start point if none)
+    found: jax.Array  # bool: some iterate was misclassified
+    topk: jax.Array  # L1: the fraction of coordinates stepped on (zeros for Linf/L2)
+    sp_old: jax.Array  # L1: ||x_best - x||_0 at the previous checkpoint (zeros for Linf/L2)
 
 
 def _single_run(
@@ -200,7 +229,7 @@ def _single_run(
             topk = sp_old / n_fts / 1.5
     else:  # unused for Linf/L2; kept so that both norms share one loop state
         topk = sp_old = jnp.zeros((bsz,), x.dtype)
-    state = dict(
+    state = _LoopState(
         x_adv=x_adv,
         x_old=x_adv,
         grad=grad,
@@ -219,13 +248,13 @@ def _single_run(
     )
     windows = jnp.asarray(_windows(cfg.norm, n_iter))
 
-    def body(i, s):
-        x_adv, grad = s["x_adv"], s["grad"]
-        step = _bcast(s["step"], x)
+    def body(i, s: _LoopState) -> _LoopState:
+        x_adv, grad = s.x_adv, s.grad
+        step = _bcast(s.step, x)
         if cfg.norm == "L1":
             g = grad.reshape(bsz, -1)
             srt = jnp.sort(jnp.abs(g), axis=1)
-            idx = jnp.clip((1.0 - s["topk"]) * n_fts, 0, n_fts - 1).astype(jnp.int32)
+            idx = jnp.clip((1.0 - s.topk) * n_fts, 0, n_fts - 1).astype(jnp.int32)
             thr = jnp.take_along_axis(srt, idx[:, None], axis=1)
             sg = (jnp.sign(g) * (jnp.abs(g) >= thr)).reshape(x.shape)
             l0 = jnp.sum(jnp.abs(sg).reshape(bsz, -1), axis=1)
@@ -239,38 +268,41 @@ def _single_run(
                 gn = jnp.sqrt(jnp.sum(grad.reshape(bsz, -1) ** 2, axis=1))
                 direction = grad / _bcast(gn + 1e-12, x)
             z = project(x_adv + step * direction, x, threat)
-            x_new = project(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - s["x_old"]), x, threat)
+            x_new = project(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - s.x_old), x, threat)
 
         loss, grad, logits = value_and_grad(x_new, jax.random.fold_in(k_loop, i + 1))
         hit = wrong(logits)
-        x_best_adv = jnp.where(_bcast(hit, x), x_new, s["x_best_adv"])
-        n_incr = s["n_incr"] + (loss > s["loss_prev"]).astype(jnp.int32)
-        better = loss > s["loss_best"]
-        x_best = jnp.where(_bcast(better, x), x_new, s["x_best"])
-        grad_best = jnp.where(_bcast(better, x), grad, s["grad_best"])
-        loss_best = jnp.where(better, loss, s["loss_best"])
+        x_best_adv = jnp.where(_bcast(hit, x), x_new, s.x_best_adv)
+        n_incr = s.n_incr + (loss > s.loss_prev).astype(jnp.int32)
+        better = loss > s.loss_best
+        x_best = jnp.where(_bcast(better, x), x_new, s.x_best)
+        grad_best = jnp.where(_bcast(better, x), grad, s.grad_best)
+        loss_best = jnp.where(better, loss, s.loss_best)
 
         k = windows[i]
         check = k > 0
-        out = dict(s)
         if cfg.norm == "L1":
             sp = jnp.sum((x_best - x).reshape(bsz, -1) != 0, axis=1).astype(x.dtype)
-            fl = sp / s["sp_old"] < 0.95
+            fl = sp / s.sp_old < 0.95
             new_step = jnp.clip(
-                jnp.where(fl, alpha * eps, s["step"] / 1.5), alpha * eps / 10, alpha * eps
+                jnp.where(fl, alpha * eps, s.step / 1.5), alpha * eps / 10, alpha * eps
             )
-            out["step"] = jnp.where(check, new_step, s["step"])
-            out["topk"] = jnp.where(check, sp / n_fts / 1.5, s["topk"])
-            out["sp_old"] = jnp.where(check, sp, s["sp_old"])
+            s = s._replace(
+                step=jnp.where(check, new_step, s.step),
+                topk=jnp.where(check, sp / n_fts / 1.5, s.topk),
+                sp_old=jnp.where(check, sp, s.sp_old),
+            )
             reset = check & fl
         else:
             cond1 = n_incr.astype(x.dtype) <= k * cfg.rho
-            cond2 = ~s["reduced_last"] & (s["loss_best_last"] >= loss_best)
+            cond2 = ~s.reduced_last & (s.loss_best_last >= loss_best)
             reset = check & (cond1 | cond2)
-            out["reduced_last"] = jnp.where(check, cond1 | cond2, s["reduced_last"])
-            out["loss_best_last"] = jnp.where(check, loss_best, s["loss_best_last"])
-            out["step"] = jnp.where(reset, s["step"] / 2, s["step"])
-        out.update(
+            s = s._replace(
+                reduced_last=jnp.where(check, cond1 | cond2, s.reduced_last),
+                loss_best_last=jnp.where(check, loss_best, s.loss_best_last),
+                step=jnp.where(reset, s.step / 2, s.step),
+            )
+        return s._replace(
             x_adv=jnp.where(_bcast(reset, x), x_best, x_new),
             x_old=x_adv,
             grad=jnp.where(_bcast(reset, x), grad_best, grad),
@@ -280,12 +312,11 @@ def _single_run(
             grad_best=grad_best,
             loss_best=loss_best,
             x_best_adv=x_best_adv,
-            found=s["found"] | hit,
+            found=s.found | hit,
         )
-        return out
 
     s = jax.lax.fori_loop(0, n_iter, body, state)
-    return s["x_best_adv"], s["found"], s["x_best"]
+    return s.x_best_adv, s.found, s.x_best
 
 
 def _run_once(logits_fn, x, y, y_t, key, loss_id, cfg: _Config):
@@ -423,17 +454,7 @@ def apgd(
         raise ValueError(f"y_target is only used by loss 'dlr-targeted', not {loss!r}")
     else:
         y_target = y
-    cfg = _Config(
-        threat.norm,
-        float(threat.eps),
-        int(n_iter),
-        int(n_restarts),
-        int(n_eot),
-        float(rho),
-        float(momentum),
-        bool(use_largereps),
-        0,
-    )
+    cfg = _Config.of(threat, n_iter, n_restarts, n_eot, rho, momentum, use_largereps, 0)
     loss_id = jnp.int32(LOSSES.index(loss))
     x_adv, fooled = _attack(logits_fn, x, y, key, active, y_target, loss_id, cfg)
     return AttackResult(x_adv, fooled)
@@ -465,16 +486,8 @@ def apgd_targeted(
     active = _validate(x, y, threat, n_iter, n_restarts, n_eot, use_largereps, active)
     if int(n_target_classes) != n_target_classes or n_target_classes < 1:
         raise ValueError(f"n_target_classes must be a positive int, got {n_target_classes}")
-    cfg = _Config(
-        threat.norm,
-        float(threat.eps),
-        int(n_iter),
-        int(n_restarts),
-        int(n_eot),
-        float(rho),
-        float(momentum),
-        bool(use_largereps),
-        int(n_target_classes),
+    cfg = _Config.of(
+        threat, n_iter, n_restarts, n_eot, rho, momentum, use_largereps, n_target_classes
     )
     loss_id = jnp.int32(LOSSES.index("dlr-targeted"))
     x_adv, fooled = _attack(logits_fn, x, y, key, active, y, loss_id, cfg)

@@ -10,8 +10,12 @@ Versions:
 As in the reference, each attack runs only on the points still robust. Afterwards its
 adversarial points are re-checked with one fresh forward pass of the model, which is one draw of
 a random defense, and the points misclassified there count as broken for good. This single-draw
-check is what the DiffPure paper reports. The evaluation protocols in `diffpure_jax.evaluate`
+check is what the DiffPure paper reports. The evaluation protocols in `diffpure_jax.protocols`
 re-evaluate the final points over many draws.
+
+Before attacking, `autoattack` runs the reference's guardrails (`checks`, skippable with
+`checks=False`): it warns when the model's outputs look like probabilities, and when the attacks
+average no draws (`standard`) but the model's logits change with the key (use `rand`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import jax.numpy as jnp
 
 from .apgd import apgd, apgd_targeted
 from .base import Threat
+from .checks import check_randomized, check_range_output
 from .fab import fab
 from .square import square
 
@@ -144,17 +149,34 @@ def run_attack(name, logits_fn, x, y, key, threat: Threat, config: AutoAttackCon
 
 
 def autoattack(
-    logits_fn, x, y, key, *, threat: Threat, config: AutoAttackConfig | None = None
+    logits_fn,
+    x,
+    y,
+    key,
+    *,
+    threat: Threat,
+    config: AutoAttackConfig | None = None,
+    checks: bool = True,
 ) -> AutoAttackResult:
     """Run the AutoAttack suite on a batch.
 
     Args:
       logits_fn: (x, key) -> (B, K) logits (random or deterministic; may be an equinox Module).
       x: (B, H, W, C) in [0, 1]; y: (B,) int labels; key: PRNG key.
+      checks: the reference's guardrails (`checks`), on the clean batch before attacking: a
+        warning if the outputs look like probabilities (no extra forward pass), and, when the
+        attacks average no draws (n_eot = 1, as `standard`), a warning if the logits change with
+        the key (one extra forward pass). Results do not depend on it.
     """
     config = config or autoattack_config("standard", threat.norm)
     y = jnp.asarray(y)
-    clean_pred = jnp.argmax(logits_fn(x, jax.random.fold_in(key, 0)), -1)
+    k_clean = jax.random.fold_in(key, 0)
+    clean_logits = logits_fn(x, k_clean)
+    if checks:
+        check_range_output(clean_logits)
+        if config.n_eot == 1:
+            check_randomized(logits_fn, x, k_clean, logits=clean_logits)
+    clean_pred = jnp.argmax(clean_logits, -1)
     robust = clean_pred == y
     x_adv, pred = x, clean_pred
     preds, robusts = [], []

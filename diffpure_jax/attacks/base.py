@@ -123,6 +123,21 @@ def in_threat(x_adv: jax.Array, x: jax.Array, threat: Threat, tol: float = 1e-5)
     return inside_box & (lp_norm(x_adv - x, threat.norm) <= threat.eps * (1 + tol) + tol)
 
 
+def eot_keys(key: jax.Array, n_draws: int) -> jax.Array:
+    """The keys of n_draws EOT draws: draw d uses `jax.random.split(key, n_draws)[d]`.
+
+    The one EOT convention of the project: attacks, protocols and `AbstractRandomClassifier.eot`
+    all draw this way, so draw d of any of them is the same forward pass."""
+    return jax.random.split(key, n_draws)
+
+
+def eot_logits(logits_fn: LogitsFn, x: jax.Array, key: jax.Array, n_draws: int) -> jax.Array:
+    """(n_draws, B, K) logits of n_draws draws (`eot_keys`), one batched (vmapped) call."""
+    if n_draws == 1:
+        return logits_fn(x, key)[None]
+    return jax.vmap(lambda k: logits_fn(x, k))(eot_keys(key, n_draws))
+
+
 def eot_value_and_grad(
     loss_fn: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]],
     x: jax.Array,
@@ -146,7 +161,7 @@ def eot_value_and_grad(
     if n_eot == 1:
         loss, grad, logits = one(key)
         return loss, grad, logits
-    loss, grad, logits = jax.vmap(one)(jax.random.split(key, n_eot))
+    loss, grad, logits = jax.vmap(one)(eot_keys(key, n_eot))
     return loss.mean(0), grad.mean(0), logits.mean(0)
 
 

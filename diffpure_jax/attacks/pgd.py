@@ -13,19 +13,14 @@ The attack knows nothing of diffusion. `logits_fn(x, key)` is any random or dete
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .base import AttackResult, Threat, project
+from .base import AttackResult, Threat, eot_logits, project
 from .losses import cross_entropy
-
-
-def _eot_logits(logits_fn, x, key, n):
-    """(n, B, K) logits of n draws, one batched (vmapped) call."""
-    if n == 1:
-        return logits_fn(x, key)[None]
-    return jax.vmap(lambda k: logits_fn(x, k))(jax.random.split(key, n))
 
 
 def _direction(grad, norm):
@@ -42,7 +37,7 @@ def _pgd(
 ):
     def value_and_grad(x_cur, k):
         def total(xc):
-            logits = _eot_logits(logits_fn, xc, k, n_eot)
+            logits = eot_logits(logits_fn, xc, k, n_eot)
             mean_logits = logits.mean(0)
             if average == "logits":
                 loss = cross_entropy(mean_logits, y)
@@ -58,7 +53,7 @@ def _pgd(
             return candidate
 
         def confirm():
-            logits = _eot_logits(logits_fn, x_cur, k, recheck).mean(0)
+            logits = eot_logits(logits_fn, x_cur, k, recheck).mean(0)
             return jnp.argmax(logits, -1) != y
 
         confirmed = jax.lax.cond(jnp.any(candidate), confirm, lambda: jnp.zeros_like(candidate))
@@ -95,7 +90,7 @@ def _pgd(
     else:  # every step for every example; judged at the last iterate only
         x_cur, x_best, broken = jax.lax.fori_loop(0, n_iter, final_step, x_adv), x, broken0
     k_last = jax.random.fold_in(k_loop, n_iter)
-    mean_logits = _eot_logits(logits_fn, x_cur, k_last, n_eot).mean(0)
+    mean_logits = eot_logits(logits_fn, x_cur, k_last, n_eot).mean(0)
     newly = check(x_cur, mean_logits, broken, jax.random.fold_in(k_last, 1))
     broken = broken | newly
     x_best = jnp.where(newly[:, None, None, None], x_cur, x_best)
@@ -163,11 +158,9 @@ def pgd(
     return AttackResult(x_adv, fooled)
 
 
-def bpda_eot(logits_fn, x, y, key, *, threat: Threat, active=None, **overrides) -> AttackResult:
-    """DiffPure's BPDA+EOT protocol: 50 steps of 2/255, logits averaged over 15 draws per step,
-    broken points re-checked with 150 draws, no random start. `logits_fn` must be the defense
-    in `grad="bpda"` mode."""
-    settings = dict(
+# DiffPure's BPDA+EOT settings (`bpda_eot_attack.py`), the defaults of `bpda_eot`.
+BPDA_EOT_SETTINGS = MappingProxyType(
+    dict(
         n_iter=50,
         step_size=2 / 255,
         n_eot=15,
@@ -175,5 +168,14 @@ def bpda_eot(logits_fn, x, y, key, *, threat: Threat, active=None, **overrides) 
         random_start=False,
         recheck_draws=150,
     )
-    settings.update(overrides)
-    return pgd(logits_fn, x, y, key, threat=threat, active=active, **settings)
+)
+
+
+def bpda_eot(logits_fn, x, y, key, *, threat: Threat, active=None, **overrides) -> AttackResult:
+    """DiffPure's BPDA+EOT protocol: `pgd` with 50 steps of 2/255, logits averaged over 15 draws
+    per step, broken points re-checked with 150 draws, no random start (`BPDA_EOT_SETTINGS`).
+    `overrides` are `pgd` arguments replacing these (e.g. n_iter, n_eot). `logits_fn` must be the
+    defense in `grad="bpda"` mode."""
+    return pgd(
+        logits_fn, x, y, key, threat=threat, active=active, **{**BPDA_EOT_SETTINGS, **overrides}
+    )

@@ -1,13 +1,15 @@
 """`conv_general_dilated`: lax's convolution, with an input gradient that stays fast in loops.
 
 Drop-in for `jax.lax.conv_general_dilated` (Flax: `nn.Conv(..., conv_general_dilated=...)`).
-Values and gradients are the same; only how the input gradient is computed differs.
+Values and gradients are the same (tests/test_conv.py); only how the input gradient is computed
+differs.
 
 Why: JAX differentiates a convolution into another convolution whose kernel has its input and
 output feature dimensions swapped (dimension numbers "OI" instead of "IO"). XLA:CPU runs that
-form up to 16x slower inside a while loop than outside one (jax-ml/jax#12868), and every attack
-iteration and every diffrax step is a while loop: an exact-gradient APGD iteration of DiffPure on
-Fashion-MNIST took 6x longer than the same gradient outside a loop (`benchmarks/conv_loop_cpu.py`).
+form far slower inside a while loop than outside one (jax-ml/jax#12868), and every attack
+iteration and every diffrax step is a while loop, so the slowdown hits every DiffPure gradient of
+an attack. `benchmarks/conv_loop_cpu.py` measures it, for one layer pair and for the whole
+DiffPure gradient, with and without this module (results: benchmarks/README.md).
 
 Here the input gradient (for an NHWC input and an HWIO kernel) is computed explicitly in the
 standard layout: the cotangent dilated by the strides (zeros between its entries) and padded, then

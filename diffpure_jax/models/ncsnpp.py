@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
@@ -253,37 +254,51 @@ class NCSNpp(nn.Module):
         return conv(self.num_channels, 3, name(), init_scale=self.init_scale)(h)
 
 
-def ncsnpp_kwargs_from_score_sde_config(config: dict) -> dict:
-    """NCSNpp kwargs from a score_sde / DiffPure config dict {'model': ..., 'data': ...}."""
-    model, data = config["model"], config.get("data", {})
+if TYPE_CHECKING:
+    from ..score import ScoreModel
+
+
+def tiny_ncsnpp_kwargs(image_size: int = 8, nf: int = 8, **overrides) -> dict:
+    """NCSNpp kwargs of a tiny test network: `nf` base channels, ch_mult (1, 2), one residual
+    block per resolution, attention at `image_size // 2`, init_scale 1 (so the output is O(1),
+    unlike score_sde's init_scale 0), no dropout; `overrides` replace or add NCSNpp fields.
+
+    Sequences are lists, so the dict can be stored as a checkpoint's config `kwargs` (JSON).
+    """
     kwargs = {
-        k: model[k]
-        for k in (
-            "nf",
-            "num_res_blocks",
-            "dropout",
-            "skip_rescale",
-            "init_scale",
-            "conditional",
-            "resblock_type",
-            "fir",
-            "progressive",
-            "progressive_input",
-            "embedding_type",
-            "attention_type",
-            "normalization",
-            "nonlinearity",
-            "scale_by_sigma",
-            "conv_size",
-        )
-        if k in model
+        "nf": nf,
+        "ch_mult": [1, 2],
+        "num_res_blocks": 1,
+        "attn_resolutions": [image_size // 2],
+        "image_size": image_size,
+        "num_channels": 3,
+        "init_scale": 1.0,
+        "dropout": 0.0,
     }
-    kwargs["ch_mult"] = tuple(model["ch_mult"])
-    kwargs["attn_resolutions"] = tuple(model["attn_resolutions"])
-    if "image_size" in data:
-        kwargs["image_size"] = data["image_size"]
-    if "num_channels" in data:
-        kwargs["num_channels"] = data["num_channels"]
-    if "centered" in data:
-        kwargs["centered"] = data["centered"]
-    return kwargs
+    kwargs.update(overrides)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+
+
+def tiny_score_model(
+    image_size: int = 8,
+    channels: int = 3,
+    nf: int = 8,
+    seed: int = 0,
+    dtype=jnp.float32,
+    **overrides,
+) -> ScoreModel:
+    """A `diffpure_jax.score.ScoreModel` on (image_size, image_size, channels) images: the NCSN++
+    of `tiny_ncsnpp_kwargs(image_size, nf, num_channels=channels, **overrides)` with random weights
+    from Flax's `init` at `jax.random.key(seed)`, cast to `dtype`, and the default VP-SDE with the
+    continuous eps parameterization. For tests, self-checks and benchmarks; no checkpoint needed.
+    """
+    from ..score import ScoreModel, eps_continuous_score_fn
+    from ..sde import VPSDE
+
+    kwargs = tiny_ncsnpp_kwargs(image_size, nf, num_channels=channels, **overrides)
+    model = NCSNpp(**kwargs)
+    shape = (kwargs["image_size"], kwargs["image_size"], kwargs["num_channels"])
+    variables = model.init(jax.random.key(seed), jnp.zeros((1, *shape), dtype), jnp.zeros((1,)))
+    variables = jax.tree.map(lambda a: a.astype(dtype), variables)
+    sde = VPSDE()
+    return ScoreModel(variables, eps_continuous_score_fn(model.apply, sde), sde, shape)

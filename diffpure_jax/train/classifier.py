@@ -6,13 +6,11 @@ PGD adversarial examples of the current model (random start in the Linf/L2 ball,
 sign/normalised steps of `pgd_step_size`, the last iterate), as Madry et al. train: the
 baseline DiffPure compares against. With `noise_std > 0`, a random half of every batch gets
 Gaussian noise: a classifier less reliant on the fine texture that purification resamples.
-With `purified_prob > 0`, the data carry a purified copy of some training images
-(`train/purified.py`) and each of those is shown purified with that probability (before the crop
-and flip): a purification-aware classifier. `init_variables` starts from a trained classifier
-(fine-tuning) instead of a random initialisation. With `diffuse_t_star > 0`, every image is
-replaced by its forward diffusion to t* (what the reverse solve starts from, in [0, 1] units): a
-classifier of the diffused image, which measures how much of the label survives to t*
-(`fashion_mnist_report diffused`).
+`init_variables` starts from a trained classifier (fine-tuning) instead of a random
+initialisation. With `diffuse_t_star > 0`, every image is replaced by its forward diffusion to t*
+(`purify.diffuse_images`: what the reverse solve starts from, in [0, 1] units): a classifier of
+the diffused image, which measures how much of the label survives to t*
+(`python -m experiments.reports.diffused`).
 """
 
 from __future__ import annotations
@@ -28,25 +26,37 @@ from .. import models
 from ..attacks.base import Threat, project
 from ..attacks.losses import cross_entropy
 from ..checkpoint import save_variables
-from ..sde import VPSDE
+from ..purify import diffuse_images
 from .loop import LoopConfig, run_training
+
+
+def _help(default, text: str, **metadata):
+    """A field whose metadata carries its command-line help (experiments/config.py reads it)."""
+    return dataclasses.field(default=default, metadata={"help": text, **metadata})
 
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierTraining:
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_steps: int = 200
-    crop_padding: int = 2
-    flip: bool = True
-    adversarial_eps: float = 0.0
-    norm: str = "Linf"
-    pgd_steps: int = 7
-    pgd_step_size: float | None = None  # default 2.5 eps / pgd_steps (Madry et al.)
-    noise_std: float = 0.0  # Gaussian noise on a random half of each batch ([0, 1] pixel units)
-    purified_prob: float = 0.0  # chance that an image with a purified copy is shown purified
-    diffuse_t_star: float = 0.0  # > 0: train on forward-diffused images x_t* (VP-SDE, discrete)
+    """SGD-Nesterov with a cosine schedule, crops and flips; optional PGD (Madry et al.)."""
+
+    lr: float = _help(0.1, "peak learning rate")
+    momentum: float = _help(0.9, "Nesterov momentum")
+    weight_decay: float = _help(5e-4, "L2 weight decay")
+    warmup_steps: int = _help(200, "linear warm-up steps")
+    crop_padding: int = _help(2, "zero padding of the random crops, pixels")
+    flip: bool = _help(True, "random horizontal flips")
+    adversarial_eps: float = _help(0.0, "PGD training eps (0: off)")
+    norm: str = _help("Linf", "PGD training threat", choices=("Linf", "L2"))
+    pgd_steps: int = _help(7, "PGD steps per training batch")
+    pgd_step_size: float | None = _help(None, "PGD step (none: 2.5 eps / pgd_steps, Madry et al.)")
+    noise_std: float = _help(
+        0.0,
+        "Gaussian noise on a random half of each batch, std in [0, 1] pixel units (0: off; 0.16 "
+        "is the noise level of t* = 0.1)",
+    )
+    diffuse_t_star: float = _help(
+        0.0, "train on images forward-diffused to this t* (0: off); a diagnostic classifier"
+    )
 
 
 def augment(x: jax.Array, key: jax.Array, padding: int, flip: bool) -> jax.Array:
@@ -82,7 +92,9 @@ def pgd_examples(loss_fn, x, y, key, threat: Threat, n_steps: int, step_size: fl
         delta = delta / flat * threat.eps * jax.random.uniform(key, (x.shape[0], 1, 1, 1))
     x_adv = project(x + delta, x, threat)
 
-    # Unrolled: on XLA:CPU a network VJP inside a lax loop is many times slower (benchmarks/).
+    # Unrolled into straight-line code (pgd_steps is small). The network's convolutions use
+    # models/conv.py, whose input gradient is as fast inside a lax loop as outside one
+    # (benchmarks/README.md, "Convolution gradients inside loops"), so a loop would serve too.
     for _ in range(n_steps):
         g = jax.grad(lambda xa: loss_fn(xa, y))(x_adv)
         if threat.norm == "Linf":
@@ -105,20 +117,6 @@ def make_optimizer(cfg: ClassifierTraining, n_steps: int) -> optax.GradientTrans
     )
 
 
-def diffuse_images(x: jax.Array, eps: jax.Array, t_star: float) -> jax.Array:
-    """The forward diffusion of x (B, H, W, C) in [0, 1] to t* with standard normal noise eps
-    (same shape; DiffPure's discrete VP-SDE schedule), mapped back to [0, 1] units and not
-    clipped: the input of the reverse solve."""
-    return (VPSDE().diffuse(2.0 * x - 1.0, eps, t_star) + 1.0) / 2.0
-
-
-def use_purified(x, x_purified, has_purified, key, prob: float):
-    """x with each example that has a purified copy (has_purified (B,) bool) replaced by that
-    copy with probability prob; x, x_purified (B, H, W, C)."""
-    pick = has_purified & jax.random.bernoulli(key, prob, has_purified.shape)
-    return jnp.where(pick[:, None, None, None], x_purified, x)
-
-
 def init_state(
     module, cfg: ClassifierTraining, input_shape, seed: int, n_steps: int, init_variables=None
 ) -> dict:
@@ -134,8 +132,7 @@ def init_state(
 
 
 def make_step(module, cfg: ClassifierTraining, n_steps: int):
-    """The jitted step (state, batch, key) -> (state, {"loss", "accuracy"}); batch is (x, y), or
-    (x, y, x_purified, has_purified) when cfg.purified_prob > 0."""
+    """The jitted step (state, batch, key) -> (state, {"loss", "accuracy"}); batch is (x, y)."""
     optimizer = make_optimizer(cfg, n_steps)
     threat = Threat(cfg.norm, cfg.adversarial_eps) if cfg.adversarial_eps > 0 else None
     step_size = cfg.pgd_step_size or 2.5 * cfg.adversarial_eps / max(cfg.pgd_steps, 1)
@@ -151,10 +148,8 @@ def make_step(module, cfg: ClassifierTraining, n_steps: int):
 
     @jax.jit
     def step(state, batch, key):
-        x, y = batch[:2]
+        x, y = batch
         k_aug, k_pgd, k_drop = jax.random.split(key, 3)
-        if cfg.purified_prob > 0:
-            x = use_purified(x, *batch[2:], jax.random.fold_in(key, 4), cfg.purified_prob)
         x = augment(x, k_aug, cfg.crop_padding, cfg.flip)
         if cfg.noise_std > 0:
             x = add_noise(x, jax.random.fold_in(key, 3), cfg.noise_std)
@@ -201,22 +196,17 @@ def train_classifier(
     progress: bool = True,
     after_step=None,
     extra_config: dict | None = None,
-    purified: tuple[np.ndarray, np.ndarray] | None = None,
     init_variables: dict | None = None,
     provenance: dict | None = None,
 ) -> tuple[dict, dict]:
     """Train `architecture(**model_kwargs)` on x_train (N, H, W, C) in [0, 1], y_train (N,).
 
-    `purified` is (x_purified (N, H, W, C), has_purified (N,) bool), aligned with x_train
-    (`train.purified.with_purified`); it is needed when cfg.purified_prob > 0. `init_variables`
-    ({"params", "batch_stats"} of the same architecture) fine-tunes a trained classifier.
-    `provenance` (where the initial variables and the purified copies come from) joins the run's
-    description: a rerun from other sources refuses to resume.
+    `init_variables` ({"params", "batch_stats"} of the same architecture) fine-tunes a trained
+    classifier. `provenance` (where the initial variables come from) joins the run's
+    description: a rerun from another source refuses to resume.
     Resumes from `workdir` when it holds the same run; exports to `out_dir` (if given).
     Returns (the exported config.json dict, the final variables).
     """
-    if (cfg.purified_prob > 0) != (purified is not None):
-        raise ValueError("purified_prob > 0 needs purified copies of the data, and only then")
     input_shape = list(x_train.shape[1:])
     module = models.build_model(architecture, model_kwargs)
     description = {
@@ -233,7 +223,7 @@ def train_classifier(
     state = run_training(
         state,
         make_step(module, cfg, loop.n_steps),
-        (x_train, y_train) + (tuple(purified) if purified is not None else ()),
+        (x_train, y_train),
         loop,
         workdir,
         description,

@@ -1,13 +1,7 @@
-"""Evaluation protocols for a random defense, and the resumable evaluation runner.
+"""The resumable, multi-host evaluation runner and its per-example records.
 
-Protocols, applied to the final adversarial points (every reported number names its protocol):
-
-* `one_draw`: AutoAttack's own final check, one forward pass per attack. This is what the DiffPure
-  paper reports.
-* `worst_of_N`: robust only if all N purifications classify the point right.
-* `average_of_N`: the fraction of N purifications that classify it right, averaged.
-* `majority_of_N`: robust if the majority vote over N purifications is right. Ties go to the
-  lowest class index. This is what a deployed, voting defense does.
+The protocols it applies are in `diffpure_jax.protocols`; the attack suites it runs are in
+`diffpure_jax.attacks.suites`.
 
 The runner is resumable and durable. It goes through the examples in fixed batches. A batch's
 random key is derived from the run seed and the batch number, so a batch gives the same result
@@ -34,18 +28,17 @@ import dataclasses
 import glob
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import sharding
-from .attacks.autoattack import AutoAttackConfig, autoattack
 from .attacks.base import Threat, bind_index, in_threat, lp_norm
-from .attacks.pgd import pgd
+from .attacks.suites import SuiteResult
 from .progress import progress_bar_or_none
+from .protocols import draw_predictions, parse_protocols, protocol_scores
 from .workdir import check_run_config, truncate_torn_tail
 
 RECORDS = "records.jsonl"
@@ -54,61 +47,16 @@ SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 
 
-def parse_protocols(names: Sequence[str]) -> list[tuple[str, int]]:
-    """'one_draw', 'worst_of_10', 'average_of_20', 'majority_of_10' -> [(kind, n), ...]."""
-    out = []
-    for name in names:
-        if name == "one_draw":
-            out.append(("one_draw", 1))
-            continue
-        kind, _, n = name.rpartition("_of_")
-        if kind not in ("worst", "average", "majority") or not n.isdigit() or int(n) < 1:
-            raise ValueError(
-                f"unknown protocol {name!r}; use one_draw, worst_of_N, average_of_N, majority_of_N"
-            )
-        out.append((kind, int(n)))
-    return out
-
-
-@eqx.filter_jit
-def _predict_draws(logits_fn, keys, x):
-    return jax.vmap(lambda k: jnp.argmax(logits_fn(x, k), -1))(keys)
-
-
-def draw_predictions(logits_fn, x, key, n_draws: int, chunk: int = 10) -> jax.Array:
-    """(n_draws, B) predictions of n_draws independent forward passes, vmapped in chunks.
-
-    `logits_fn` is traced as a pytree (an equinox Module's arrays stay dynamic), so batches of the
-    same shape reuse one compiled program."""
-    keys = jax.random.split(key, n_draws)
-    return jnp.concatenate(
-        [_predict_draws(logits_fn, keys[i : i + chunk], x) for i in range(0, n_draws, chunk)]
-    )
-
-
-def protocol_scores(preds: jax.Array, y: jax.Array, kind: str) -> np.ndarray:
-    """Per-example score of one protocol from (N, B) draw predictions: bool or fraction (B,)."""
-    correct = preds == y[None]
-    if kind == "worst":
-        return np.asarray(jnp.all(correct, 0))
-    if kind == "average":
-        return np.asarray(jnp.mean(correct, 0))
-    if kind == "majority":
-        n_classes = int(max(int(preds.max()), int(y.max()))) + 1
-        counts = jax.nn.one_hot(preds, n_classes).sum(0)  # (B, K)
-        return np.asarray(jnp.argmax(counts, -1) == y)
-    raise ValueError(f"unknown protocol kind {kind!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
     """One evaluation run: which attack, which protocols, where.
 
-    attack(logits_fn, x, y, key) must return (x_adv (B, ...), per-attack predictions
-    {name: (B,)}, robust_one_draw (B,) bool, clean_pred (B,)).
+    attack: a suite, `attack(model, x, y, key) -> SuiteResult` (`diffpure_jax.attacks.suites`).
+    description: the run's identity (its config), recorded in the workdir; a rerun with another
+    description refuses.
     """
 
-    attack: Callable[..., tuple[jax.Array, dict[str, jax.Array], jax.Array, jax.Array]]
+    attack: Callable[..., SuiteResult]
     threat: Threat
     protocols: tuple[str, ...] = ("one_draw",)
     batch_size: int = 64
@@ -239,11 +187,11 @@ def run_evaluation(
     if n_processes == 1:
         merge_records(workdir)  # folds in the files of an earlier multi-process attempt, if any
         return write_summary(workdir, evaluation)
-    sharding.barrier("diffpure_jax.evaluate: all batches written")
+    sharding.barrier("diffpure_jax.runner: all batches written")
     if process == 0:
         merge_records(workdir)
         summary = write_summary(workdir, evaluation)
-    sharding.barrier("diffpure_jax.evaluate: summary written")
+    sharding.barrier("diffpure_jax.runner: summary written")
     if process != 0:
         with open(os.path.join(workdir, SUMMARY_JSON)) as f:
             summary = json.load(f)
@@ -256,11 +204,12 @@ def _run_batch(evaluation, protocols, model, xb, yb, real, key, workdir, b):
     x, y, index = real
     n = len(index)
     k_attack, k_protocol = jax.random.split(key)
-    x_adv, attack_preds, robust_one_draw, clean_pred = evaluation.attack(model, xb, yb, k_attack)
+    result = evaluation.attack(model, xb, yb, k_attack)
+    x_adv, attack_preds, clean_pred = result.x_adv, result.attack_preds, result.clean_pred
     scores = {}
     for kind, n_draws in protocols:
         if kind == "one_draw":
-            scores["one_draw"] = robust_one_draw
+            scores["one_draw"] = result.robust
             continue
         preds = draw_predictions(model, x_adv, jax.random.fold_in(k_protocol, n_draws), n_draws)
         scores[f"{kind}_of_{n_draws}"] = protocol_scores(preds, yb, kind)
@@ -363,30 +312,3 @@ def _update_progress(bar, records: list[dict]) -> None:
         f"n={summary['n_examples']} clean={summary.get('clean_accuracy', 0):.1f}% {shown}"
     )
     bar.update(1)
-
-
-def autoattack_suite(threat: Threat, config: AutoAttackConfig):
-    """An `Evaluation.attack` running AutoAttack; its one-draw check is the `one_draw` protocol."""
-
-    def attack(model, x, y, key):
-        r = autoattack(model, x, y, key, threat=threat, config=config)
-        preds = {name: r.preds[j] for j, name in enumerate(config.attacks)}
-        return r.x_adv, preds, r.robust[-1], r.clean_pred
-
-    return attack
-
-
-def pgd_suite(threat: Threat, name: str = "pgd-eot", **pgd_kwargs):
-    """An `Evaluation.attack` running PGD(-EOT) or BPDA+EOT on the points classified right at one
-    clean draw; the attack's own (EOT-averaged, optionally re-checked) check is `one_draw`."""
-
-    def attack(model, x, y, key):
-        k_clean, k_attack, k_check = jax.random.split(key, 3)
-        clean_pred = jnp.argmax(model(x, k_clean), -1)
-        active = clean_pred == y
-        result = pgd(model, x, y, k_attack, threat=threat, active=active, **pgd_kwargs)
-        # attack_preds records one draw at x_adv; robustness is the attack's own check.
-        pred_after = jnp.argmax(model(result.x_adv, k_check), -1)
-        return result.x_adv, {name: pred_after}, active & ~result.fooled, clean_pred
-
-    return attack

@@ -1,0 +1,69 @@
+"""Attack suites: what the evaluation runner calls on each batch.
+
+A suite is `suite(model, x, y, key) -> SuiteResult`, with `model(x, key)` a random classifier
+bound to the batch's dataset indices. It attacks the batch and reports, per example, the
+adversarial point, each attack's one-draw prediction, and whether the point is robust under the
+suite's own check (the `one_draw` protocol). A new attack is one module in this package and one
+suite here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from .autoattack import AutoAttackConfig, autoattack
+from .base import Threat
+from .pgd import bpda_eot, pgd
+
+
+class SuiteResult(NamedTuple):
+    """x_adv: (B, H, W, C) in [0, 1], inside the threat; attack_preds: {attack name: (B,) int}
+    the prediction of one draw after each attack (cumulative); robust: (B,) bool, robust under
+    the suite's own check (the `one_draw` protocol); clean_pred: (B,) int, one clean draw."""
+
+    x_adv: jax.Array
+    attack_preds: dict[str, jax.Array]
+    robust: jax.Array
+    clean_pred: jax.Array
+
+
+def autoattack_suite(threat: Threat, config: AutoAttackConfig):
+    """A suite running AutoAttack; its one-draw check is the `one_draw` protocol."""
+
+    def attack(model, x, y, key):
+        r = autoattack(model, x, y, key, threat=threat, config=config)
+        preds = {name: r.preds[j] for j, name in enumerate(config.attacks)}
+        return SuiteResult(r.x_adv, preds, r.robust[-1], r.clean_pred)
+
+    return attack
+
+
+def _pgd_family_suite(attack_fn, threat: Threat, name: str, kwargs: dict):
+    """A suite running `attack_fn` (`pgd` or `bpda_eot`) on the points classified right at one
+    clean draw; the attack's own (EOT-averaged, optionally re-checked) check is `one_draw`."""
+
+    def attack(model, x, y, key):
+        k_clean, k_attack, k_check = jax.random.split(key, 3)
+        clean_pred = jnp.argmax(model(x, k_clean), -1)
+        active = clean_pred == y
+        result = attack_fn(model, x, y, k_attack, threat=threat, active=active, **kwargs)
+        # attack_preds records one draw at x_adv; robustness is the attack's own check.
+        pred_after = jnp.argmax(model(result.x_adv, k_check), -1)
+        return SuiteResult(result.x_adv, {name: pred_after}, active & ~result.fooled, clean_pred)
+
+    return attack
+
+
+def pgd_suite(threat: Threat, name: str = "pgd-eot", **pgd_kwargs):
+    """A suite running `pgd.pgd` with `pgd_kwargs` on the points classified right at one clean
+    draw; the attack's own (EOT-averaged, optionally re-checked) check is `one_draw`."""
+    return _pgd_family_suite(pgd, threat, name, pgd_kwargs)
+
+
+def bpda_eot_suite(threat: Threat, name: str = "bpda-eot", **overrides):
+    """A suite running DiffPure's BPDA+EOT (`pgd.bpda_eot`, its settings with `overrides`), as
+    `pgd_suite` runs PGD. The model must be the defense in `grad="bpda"` mode."""
+    return _pgd_family_suite(bpda_eot, threat, name, overrides)

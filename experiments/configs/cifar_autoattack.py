@@ -1,0 +1,44 @@
+"""DiffPure on CIFAR-10 as the paper evaluates it (`python -m experiments.cifar_autoattack`).
+
+WRN-28-10 behind the score_sde NCSN++ (t* = 0.1 for Linf, 0.075 for L2), dt = 1e-3, the paper's
+adjoint gradient, AutoAttack `rand` (its own EOT 20), 512 test images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from experiments.attack import AttackRun
+from experiments.config import config_words
+
+# norm -> (eps, t*): the paper's settings (L1 is not in the paper).
+THREATS = {"Linf": (8 / 255, 0.1), "L2": (0.5, 0.075), "L1": (12.0, 0.1)}
+
+
+def get_config(arg: str = "") -> AttackRun:
+    """Linf (default), L2 or L1: the threat and the t* that goes with it."""
+    words = config_words(arg, tuple(THREATS))
+    norm = words[-1] if words else "Linf"
+    eps, t_star = THREATS[norm]
+    return dataclasses.replace(
+        AttackRun(),
+        dataset="cifar10",
+        classifier="checkpoints/cifar10-wrn-28-10",
+        score="checkpoints/cifar10-ddpmpp-deep-cont",
+        norm=norm,
+        eps=eps,
+        t_star=t_star,
+        dt=1e-3,
+        grad="adjoint",
+        attack="autoattack",
+        version="rand",
+        n_queries=5000,
+        n_examples=512,
+        batch_size=64,
+        workdir="workdir/cifar_autoattack",
+        checkpoint_hint=(
+            "Convert the official weights first (see checkpoints/README.md), e.g. "
+            "python -m diffpure_jax.convert robustbench-wrn Standard.pt "
+            "checkpoints/cifar10-wrn-28-10"
+        ),
+    )

@@ -1,0 +1,127 @@
+"""DiffPure on Fashion-MNIST, the embedded default (`experiments.fashion_mnist_autoattack`).
+
+Words of `--config` (comma-separated; one study, one protocol size):
+
+* the study: `main` (default: the undefended, PGD-trained and DiffPure rows under AutoAttack, the
+  DiffPure row `rand` through the paper's adjoint gradient), or one run of the results page
+  (experiments/results/fashion_mnist.md): `undefended` (the two classifiers at full AutoAttack
+  strength), `adjoint`, `exact` (AutoAttack rand), `pgd`, `pgd-final`, `bpda` and `sweep`
+  (PGD-EOT at the final iterate for t* in 0.05, 0.1, 0.2, 0.3, each with the same number of
+  reverse steps);
+* the size: `reduced` (default, sized for a 2-core CPU) or `full` (the paper-size protocol).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from experiments.attack import AttackRun
+from experiments.config import config_words, field
+
+ROWS = ("undefended", "adv-trained", "diffpure")
+STRICT = ("one_draw", "worst_of_10", "majority_of_10")
+
+
+@dataclasses.dataclass(frozen=True)
+class FashionMnistStudy(AttackRun):
+    """Shared settings (the DiffPure row's) and the rows derived from them (`study_rows`)."""
+
+    rows: tuple[str, ...] = field(ROWS, choices=ROWS, identity=False)
+    adv_classifier: str = field("checkpoints/fmnist-wrn-16-1-pgd", help="the PGD-trained row's")
+    undefended_version: str = field(
+        "standard", choices=("standard", "rand"), help="AutoAttack of the undefended rows"
+    )
+    sweep_t_stars: tuple[float, ...] | None = field(
+        None, help="one DiffPure row per t*, each with sweep_steps reverse steps"
+    )
+    sweep_steps: int = field(10, help="reverse steps of each sweep row")
+
+
+def _study(name: str, full: bool) -> dict:
+    """The settings of one study at one size (what differs from `main`)."""
+    n = dict(n_examples=512, batch_size=64) if full else dict(n_examples=32, batch_size=16)
+    diff = (
+        dict(dt=1e-3, eot=20, n_iter=100, n_queries=5000)
+        if full
+        else dict(dt=1e-2, eot=4, n_iter=20, n_queries=1000)
+    )
+    pgd = dict(dt=1e-3, eot=20, n_iter=200) if full else dict(dt=1e-2, eot=4, n_iter=20)
+    if name == "main":
+        return (
+            dict(n_examples=512, batch_size=64, dt=1e-3, eot=20, n_iter=100, n_queries=5000)
+            if full
+            else {}
+        )
+    if name == "undefended":
+        size = n if full else dict(n_examples=64, batch_size=64)
+        return dict(rows=ROWS[:2], **size, n_iter=100, n_queries=5000)
+    one = dict(rows=("diffpure",), **n)
+    if name == "adjoint":
+        return dict(one, **diff, version="rand", grad="adjoint", workdir="workdir/fmnist")
+    if name == "exact":
+        return dict(one, **diff, grad="exact", protocols=STRICT, workdir="workdir/fmnist_exact")
+    if name in ("pgd", "pgd-final"):
+        attack = "pgd-eot" if name == "pgd" else "pgd-eot-final"
+        return dict(one, **pgd, attack=attack, grad="exact", protocols=STRICT)
+    if name == "bpda":
+        # full: DiffPure's own BPDA+EOT settings (attacks.pgd.bpda_eot)
+        size = dict(eot=None, n_iter=None) if full else dict(eot=4, n_iter=20)
+        return dict(one, dt=pgd["dt"], **size, attack="bpda-eot")
+    if name == "sweep":
+        return dict(
+            one, eot=20 if full else 2, n_iter=200 if full else 10, attack="pgd-eot-final",
+            grad="exact", protocols=STRICT, sweep_t_stars=(0.05, 0.1, 0.2, 0.3),
+            sweep_steps=100 if full else 10, workdir="workdir/fmnist_sweep",
+        )  # fmt: skip
+    raise AssertionError(name)
+
+
+STUDIES = ("main", "undefended", "adjoint", "exact", "pgd", "pgd-final", "bpda", "sweep")
+NORMS = {"Linf": (0.1, 0.1), "L2": (1.5, 0.1), "L1": (10.0, 0.1)}  # norm -> (eps, t*)
+
+
+def get_config(arg: str = "") -> FashionMnistStudy:
+    """a study (main, undefended, adjoint, exact, pgd, pgd-final, bpda, sweep), reduced or full,
+    and a norm (Linf, L2, L1); default main,reduced,Linf."""
+    words = config_words(arg, (*STUDIES, "reduced", "full", *NORMS))
+    study = ([w for w in words if w in STUDIES] or ["main"])[-1]
+    norm = ([w for w in words if w in NORMS] or ["Linf"])[-1]
+    eps, t_star = NORMS[norm]
+    base = FashionMnistStudy(
+        dataset="fashion_mnist",
+        classifier="checkpoints/fmnist-wrn-16-1",
+        score="checkpoints/fmnist-ncsnpp-small",
+        norm=norm,
+        eps=eps,
+        t_star=t_star,
+        dt=1e-2,
+        grad="adjoint",
+        version="rand",
+        eot=2,
+        n_iter=10,
+        n_queries=500,
+        n_examples=32,
+        batch_size=32,
+        workdir="workdir/fmnist",
+        checkpoint_hint=(
+            "The Fashion-MNIST checkpoints ship in checkpoints/; retrain one with "
+            "python -m experiments.train_classifier or python -m experiments.train_score."
+        ),
+    )
+    return dataclasses.replace(base, **_study(study, "full" in words))
+
+
+def study_rows(study: FashionMnistStudy) -> list[tuple[str, AttackRun]]:
+    """(row name, its AttackRun) for every row of the study, in table order."""
+    run = AttackRun(**{f.name: getattr(study, f.name) for f in dataclasses.fields(AttackRun)})
+    out = []
+    for row in study.rows:
+        if row == "diffpure" and study.sweep_t_stars:
+            for t in study.sweep_t_stars:
+                out.append((row, dataclasses.replace(run, t_star=t, dt=t / study.sweep_steps)))
+        elif row == "diffpure":
+            out.append((row, run))
+        else:
+            classifier = study.adv_classifier if row == "adv-trained" else study.classifier
+            out.append((row, run.undefended(classifier, study.undefended_version)))
+    return out

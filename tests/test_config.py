@@ -1,0 +1,164 @@
+"""Experiment configs: the command line generated from the config, the run identity, variants."""
+
+import dataclasses
+
+import pytest
+
+from experiments import cifar_autoattack, fashion_mnist_autoattack
+from experiments.attack import AttackRun
+from experiments.config import identity, run_dir
+from experiments.configs import fashion_mnist_autoattack as fmnist
+
+
+def test_every_cli_field_is_a_flag_with_the_config_value_as_default():
+    run = cifar_autoattack.get_run([])
+    assert run == cifar_autoattack.config_module.get_config("")
+    changed = cifar_autoattack.get_run(
+        ["--eps", "4/255", "--grad", "exact", "--eot", "none", "--n-iter", "7", "--no-unroll",
+         "--protocols", "one_draw", "worst_of_5", "--attacks", "apgd-ce", "square"]
+    )  # fmt: skip
+    assert changed.eps == pytest.approx(4 / 255)
+    assert (changed.grad, changed.eot, changed.n_iter) == ("exact", None, 7)
+    assert changed.protocols == ("one_draw", "worst_of_5")
+    assert changed.attacks == ("apgd-ce", "square")
+    # Nothing else moved.
+    same = {"eps", "grad", "eot", "n_iter", "protocols", "attacks"}
+    for f in dataclasses.fields(AttackRun):
+        if f.name not in same:
+            assert getattr(changed, f.name) == getattr(run, f.name), f.name
+
+
+def test_norm_flag_selects_the_norm_variant():
+    l2 = cifar_autoattack.get_run(["--norm", "L2"])
+    assert (l2.norm, l2.eps, l2.t_star) == ("L2", 0.5, 0.075)
+    assert cifar_autoattack.get_run(["--config", "L2"]) == l2
+    # An explicit flag still wins over the variant.
+    assert cifar_autoattack.get_run(["--norm", "L2", "--eps", "0.25"]).eps == 0.25
+
+
+def test_identity_and_workdir_name():
+    run = cifar_autoattack.get_run([])
+    layout = cifar_autoattack.get_run(
+        ["--workdir", "elsewhere", "--no-progress", "--unroll", "--coordinator", "h:1"]
+    )
+    assert identity(layout) == identity(run)  # layout and speed flags do not change results
+    assert run_dir("w", "diffpure", run) == run_dir("w", "diffpure", layout)
+    other = cifar_autoattack.get_run(["--seed", "1"])
+    assert run_dir("w", "diffpure", other) != run_dir("w", "diffpure", run)
+    assert {"workdir", "progress", "unroll", "data_dir"}.isdisjoint(identity(run))
+    assert identity(run)["protocols"] == ["one_draw"]  # JSON values, as stored
+
+
+def test_bad_values_are_refused_before_any_work(capsys):
+    for argv, message in [
+        (["--dt", "0.03"], "does not divide t_star"),
+        (["--version", "custom"], "needs --attacks"),
+        (["--protocols", "best_of_3"], "unknown protocol"),
+        (["--eps", "x"], "expected a number or a fraction"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            cifar_autoattack.get_run(argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown config word"):
+        cifar_autoattack.get_run(["--config", "Linf,big"])
+
+
+def test_bpda_attack_takes_bpda_gradients():
+    assert cifar_autoattack.get_run(["--attack", "bpda-eot"]).grad == "bpda"
+
+
+def test_fashion_mnist_main_rows():
+    study = fashion_mnist_autoattack.get_study([])
+    rows = fmnist.study_rows(study)
+    assert [r for r, _ in rows] == ["undefended", "adv-trained", "diffpure"]
+    (_, und), (_, adv), (_, diff) = rows
+    assert type(diff) is AttackRun  # rows are plain runs: the study's own fields are not stored
+    # The reduced protocol the README documents.
+    assert (diff.n_examples, diff.dt, diff.eot, diff.n_iter, diff.n_queries) == (
+        32,
+        1e-2,
+        2,
+        10,
+        500,
+    )
+    assert (diff.grad, diff.version, diff.t_star, diff.eps) == ("adjoint", "rand", 0.1, 0.1)
+    assert adv.classifier == study.adv_classifier and und.classifier == study.classifier
+    for u in (und, adv):
+        assert (u.defense, u.version, u.eot, u.grad, u.t_star, u.score) == (
+            "none", "standard", None, None, None, None,
+        )  # fmt: skip
+        assert u.protocols == ("one_draw",) and u.n_iter == diff.n_iter
+    assert len({run_dir("w", r, run) for r, run in rows}) == 3
+
+
+def test_fashion_mnist_variants():
+    full = fmnist.study_rows(fashion_mnist_autoattack.get_study(["--config", "full"]))[-1][1]
+    assert (full.n_examples, full.dt, full.eot, full.n_iter, full.n_queries) == (
+        512, 1e-3, 20, 100, 5000,
+    )  # fmt: skip
+    sweep = fmnist.study_rows(fmnist.get_config("sweep"))
+    assert [(r.t_star, r.dt) for _, r in sweep] == [(t, t / 10) for t in (0.05, 0.1, 0.2, 0.3)]
+    assert all(r.attack == "pgd-eot-final" and r.grad == "exact" for _, r in sweep)
+    bpda_full = fmnist.study_rows(fmnist.get_config("bpda,full"))[0][1]
+    assert (bpda_full.grad, bpda_full.eot, bpda_full.n_iter) == ("bpda", None, None)
+    l2 = fashion_mnist_autoattack.get_study(["--norm", "L2"])
+    assert (l2.norm, l2.eps) == ("L2", 1.5)
+
+
+# The command lines of the results script before its studies became configs (reduced | full).
+_N = ("--n-examples 32 --batch-size 16", "--n-examples 512 --batch-size 64")
+_DIFF = (
+    "--dt 1e-2 --eot 4 --n-iter 20 --n-queries 1000",
+    "--dt 1e-3 --eot 20 --n-iter 100 --n-queries 5000",
+)
+_PGD = ("--dt 1e-2 --eot 4 --n-iter 20", "--dt 1e-3 --eot 20 --n-iter 200")
+_STRICT = "--protocols one_draw worst_of_10 majority_of_10"
+OLD_COMMANDS = {
+    "undefended": lambda f: (
+        "--rows undefended adv-trained "
+        + ("--n-examples 64 --batch-size 64", _N[1])[f]
+        + " --n-iter 100 --n-queries 5000"
+    ),
+    "adjoint": lambda f: f"--rows diffpure {_N[f]} {_DIFF[f]} --version rand --grad adjoint",
+    "exact": lambda f: (
+        f"--rows diffpure {_N[f]} {_DIFF[f]} --version rand --grad exact "
+        f"{_STRICT} --workdir workdir/fmnist_exact"
+    ),
+    "pgd": lambda f: f"--rows diffpure {_N[f]} {_PGD[f]} --attack pgd-eot --grad exact {_STRICT}",
+    "pgd-final": lambda f: (
+        f"--rows diffpure {_N[f]} {_PGD[f]} --attack pgd-eot-final --grad exact {_STRICT}"
+    ),
+    # full: DiffPure's own BPDA+EOT (the old script's full line kept the reduced EOT 2, 10 iter.)
+    "bpda": lambda f: (
+        f"--rows diffpure {_N[f]} "
+        + ("--dt 1e-2 --eot 4 --n-iter 20", "--dt 1e-3 --eot none --n-iter none")[f]
+        + " --attack bpda-eot"
+    ),
+}
+
+
+@pytest.mark.parametrize("full", [0, 1])
+@pytest.mark.parametrize("study", sorted(OLD_COMMANDS))
+def test_results_studies_are_the_old_script_commands(study, full):
+    words = f"{study},{'full' if full else 'reduced'}"
+    new = fmnist.study_rows(fashion_mnist_autoattack.get_study(["--config", words]))
+    old = fmnist.study_rows(fashion_mnist_autoattack.get_study(OLD_COMMANDS[study](full).split()))
+    assert [(r, identity(a)) for r, a in new] == [(r, identity(a)) for r, a in old]
+    assert fashion_mnist_autoattack.get_study(["--config", words]).workdir == (
+        fashion_mnist_autoattack.get_study(OLD_COMMANDS[study](full).split()).workdir
+    )
+
+
+def test_sweep_study_is_the_old_script_loop():
+    for full, (n, eot_iter, steps) in enumerate(
+        [(_N[0], "--eot 2 --n-iter 10", 10), (_N[1], "--eot 20 --n-iter 200", 100)]
+    ):
+        new = fmnist.study_rows(
+            fashion_mnist_autoattack.get_study(["--config", "sweep,full" if full else "sweep"])
+        )
+        for (_, run), t in zip(new, (0.05, 0.1, 0.2, 0.3), strict=True):
+            old = f"--rows diffpure {n} {eot_iter} --attack pgd-eot-final --grad exact "
+            old += f"--t-star {t} --dt {t / steps} {_STRICT}"
+            ((_, old_run),) = fmnist.study_rows(fashion_mnist_autoattack.get_study(old.split()))
+            assert identity(run) == identity(old_run)
