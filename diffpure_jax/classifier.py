@@ -7,6 +7,8 @@ from typing import Any
 
 import equinox as eqx
 
+from .purify import check_images
+
 # (variables, x (B, H, W, C) in [0, 1]) -> logits (B, num_classes): a flax `module.apply`.
 # Not to be confused with the attacks' `LogitsFn`, a model `(x, key) -> logits`.
 ApplyFn = Callable[[Any, Any], Any]
@@ -23,5 +25,14 @@ class Classifier(eqx.Module):
     apply_fn: ApplyFn = eqx.field(static=True)
     image_shape: tuple[int, int, int] = eqx.field(static=True)
 
-    def __call__(self, x):
+    def __call__(self, x, check: bool = True):
+        """Logits (B, num_classes) of x (B, H, W, C), float images in [0, 1].
+
+        x is refused as `purify.check_images` says (shape `image_shape`, floating point, in
+        [0, 1]; the range also inside jit). `check=False` (a Python bool) skips the checks, for
+        inputs that may leave [0, 1] by design: purified images (purification is not clipped)
+        or diffused ones. The logits are the same either way.
+        """
+        if check:
+            x = check_images(x, self.image_shape)
         return self.apply_fn(self.variables, x)

@@ -186,10 +186,16 @@ def take(source, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def _check_n(n: int, size: int, name: str) -> int:
+    if not 1 <= n <= size:
+        raise ValueError(f"asked for {n} test images, but the {name} test set has {size}")
+    return n
+
+
 def cifar10_test(n: int, seed: int, data_dir: str | None = None):
     """(x (n, 32, 32, 3) in [0, 1], y (n,), index (n,)): seeded subset of the CIFAR-10 test set."""
     source = tfds_source("cifar10", "test", data_dir)
-    index = subset_indices(len(source), min(n, len(source)), seed)
+    index = subset_indices(len(source), _check_n(n, len(source), "CIFAR-10"), seed)
     x, y = take(source, index)
     return x, y, index
 
@@ -197,6 +203,6 @@ def cifar10_test(n: int, seed: int, data_dir: str | None = None):
 def fashion_mnist_test(n: int, seed: int, data_dir: str | None = None):
     """(x (n, 28, 28, 1) in [0, 1], y (n,), index (n,)): a seeded Fashion-MNIST test subset."""
     source = fashion_mnist_source("test", data_dir)
-    index = subset_indices(len(source), min(n, len(source)), seed)
+    index = subset_indices(len(source), _check_n(n, len(source), "Fashion-MNIST"), seed)
     x, y = take(source, index)
     return x, y, index

@@ -44,7 +44,9 @@ class DefendedClassifier(AbstractRandomClassifier):
     classifier: Classifier
 
     def __call__(self, x, key, index=None):
-        logits = self.classifier(self.purifier(x, key, index))
+        # Purified images may leave [0, 1] (purification is not clipped); x itself is checked
+        # by the purifier.
+        logits = self.classifier(self.purifier(x, key, index), check=False)
         if self.purifier.config.grad != "blind":
             return logits
         direct = self.classifier(x)

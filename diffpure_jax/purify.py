@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any
 
 import diffrax
@@ -38,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import lineax
 import numpy as np
+from equinox.internal import unvmap_max
 
 from . import noise
 from .attacks.base import eot_keys
@@ -140,8 +142,83 @@ class PurifyConfig:
         return ts.astype(np.float32)
 
 
+class ImageRangeError(ValueError):
+    """Images outside [0, 1] (beyond INPUT_TOLERANCE).
+
+    Raised as such outside jit. Inside `jax.jit` the check runs on the host and jax reports it
+    as a `jax.errors.JaxRuntimeError` whose last line is `ImageRangeError: images must be in
+    [0, 1], ...` (three lines in all)."""
+
+
+def _range_message(lo, hi) -> str:
+    return (
+        f"images must be in [0, 1], got values in [{float(lo):.4g}, {float(hi):.4g}]; "
+        "divide uint8 images by 255."
+    )
+
+
+def _range_callback(dtype, lo, hi):
+    """The host side of the in-jit range check: raises ImageRangeError.
+
+    It raises from inside a generator, so that the error's frame has no parent frames once the
+    generator has finished: jax's CpuCallback error lists every frame above the raising one
+    (about 15 lines, plus all of the caller's stack); this way it lists one, and the error's text
+    is three lines, ours last."""
+
+    def raiser():
+        raise ImageRangeError(_range_message(lo, hi))
+        yield  # a generator
+
+    next(raiser())
+    return np.ones((), dtype)  # not reached
+
+
+class _DropImageRangeErrorLogs(logging.Filter):
+    """jax logs a failed callback's traceback before raising it; ours says nothing new."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], ImageRangeError))
+
+
+logging.getLogger("jax._src.callback").addFilter(_DropImageRangeErrorLogs())
+
+
+def _range_guard(lo: jax.Array, hi: jax.Array, dtype) -> jax.Array:
+    """1 (a scalar of `dtype`) if lo >= -tol and hi <= 1 + tol, else ImageRangeError: at once
+    when lo and hi are concrete, at run time (a host callback) under jit.
+
+    A hand-written equinox.error_if (same lax.cond around a host callback, same handling of
+    vmap): equinox's own ends its message in a banner about `equinox.filter_jit` under jax.jit.
+    """
+    lo, hi = jax.lax.stop_gradient(lo), jax.lax.stop_gradient(hi)
+    with jax.ensure_compile_time_eval():
+        lo, hi = -unvmap_max(-lo), unvmap_max(hi)  # over any vmapped axes too
+        bad = (lo < -INPUT_TOLERANCE) | (hi > 1 + INPUT_TOLERANCE)
+        if not isinstance(bad, jax.core.Tracer):
+            if bool(bad):
+                raise ImageRangeError(_range_message(lo, hi))
+            return jnp.ones((), dtype)
+    one = jax.ShapeDtypeStruct((), dtype)
+    return jax.lax.cond(
+        bad,
+        lambda lo, hi: jax.pure_callback(functools.partial(_range_callback, dtype), one, lo, hi),
+        lambda lo, hi: jnp.ones((), dtype),
+        lo,
+        hi,
+    )
+
+
 def check_images(x: jax.Array, image_shape: tuple[int, ...] | None = None) -> jax.Array:
-    """Validate a (B, H, W, C) batch in [0, 1]; the range check also runs inside jit."""
+    """Validate a (B, H, W, C) float batch in [0, 1] and return it (the same values).
+
+    Shape and dtype are checked at trace time (ValueError). The range, [0, 1] up to
+    INPUT_TOLERANCE, is checked at once on concrete arrays (ImageRangeError, a ValueError) and
+    at run time inside `jax.jit`: jax then raises a `jax.errors.JaxRuntimeError` of three short
+    lines whose last line is `ImageRangeError: images must be in [0, 1], got values in [lo, hi];
+    divide uint8 images by 255.` (no equinox banner, no need for `EQX_ON_ERROR` or
+    `eqx.filter_jit`). On a multi-device mesh a failed run-time check aborts the process instead
+    (diffpure_jax/sharding.py): validate on the host first, as `runner.run_evaluation` does.
+    """
     if x.ndim != 4 or (image_shape is not None and tuple(x.shape[1:]) != tuple(image_shape)):
         want = f"(B, {', '.join(map(str, image_shape))})" if image_shape else "(B, H, W, C)"
         raise ValueError(
@@ -152,11 +229,7 @@ def check_images(x: jax.Array, image_shape: tuple[int, ...] | None = None) -> ja
         raise ValueError(f"images must be floating point in [0, 1], got dtype {x.dtype}.")
     # The check guards a scalar, not x: guarding x itself pins the host callback's operand to
     # device 0 and XLA then replicates everything after it (no speedup on a mesh).
-    bad = jnp.any((x < -INPUT_TOLERANCE) | (x > 1 + INPUT_TOLERANCE))
-    one = eqx.error_if(
-        jnp.ones((), x.dtype), bad, "images must be in [0, 1] (divide uint8 by 255)."
-    )
-    return x * one
+    return x * _range_guard(jnp.min(x), jnp.max(x), x.dtype)
 
 
 def _terms(sde: VPSDE, score_fn: ScoreFn, path, probability_flow: bool):

@@ -15,7 +15,8 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 
@@ -31,16 +32,26 @@ from diffpure_jax import (
 from diffpure_jax.attacks import suites
 from diffpure_jax.attacks.autoattack import ATTACKS, autoattack_config
 from diffpure_jax.attacks.base import NORMS, Threat
+from diffpure_jax.checkpoint import CheckpointError
 from diffpure_jax.data import DataNotFoundError, cifar10_test, fashion_mnist_test
+from diffpure_jax.load import check_checkpoint
 from diffpure_jax.protocols import parse_protocols
 from diffpure_jax.runner import Evaluation, markdown_table, run_evaluation
+from diffpure_jax.workdir import RUN_CONFIG
 
-from .config import field, identity, parse_fraction
+from .config import UsageError, field, identity, parse_fraction
 
-# name -> (label, test-set loader (n, seed, data_dir) -> (x, y, index)); a new dataset adds one.
-TEST_SETS: dict[str, tuple[str, Callable]] = {
-    "cifar10": ("CIFAR-10", cifar10_test),
-    "fashion_mnist": ("Fashion-MNIST", fashion_mnist_test),
+
+class TestSet(NamedTuple):
+    label: str  # "CIFAR-10"
+    load: Callable  # (n, seed, data_dir) -> (x (n, H, W, C) in [0, 1], y (n,), index (n,))
+    size: int  # images in the test set
+
+
+# A new dataset adds one entry (and its loader in diffpure_jax.data).
+TEST_SETS: dict[str, TestSet] = {
+    "cifar10": TestSet("CIFAR-10", cifar10_test, 10_000),
+    "fashion_mnist": TestSet("Fashion-MNIST", fashion_mnist_test, 10_000),
 }
 ATTACK_NAMES = ("autoattack", "pgd-eot", "pgd-eot-final", "bpda-eot")
 
@@ -91,7 +102,6 @@ class AttackRun:
     )
     num_processes: int | None = field(None, identity=False, help="(JAX_NUM_PROCESSES)")
     process_id: int | None = field(None, identity=False, help="(JAX_PROCESS_ID)")
-    checkpoint_hint: str = field("", identity=False, cli=False)  # how to get a missing checkpoint
 
     def __post_init__(self):
         if self.attack == "bpda-eot" and self.grad != "bpda":
@@ -103,6 +113,18 @@ class AttackRun:
             object.__setattr__(self, "grad", "bpda")
         if self.version == "custom" and not self.attacks:
             raise ValueError("--version custom needs --attacks, e.g. --attacks apgd-ce square")
+        if self.norm == "Linf" and not 0 < self.eps <= 1:
+            raise ValueError(f"Linf --eps must be in (0, 1] (images are in [0, 1]): {self.eps:g}")
+        if not self.eps > 0:
+            raise ValueError(f"--eps must be positive, got {self.eps:g}")
+        size = TEST_SETS[self.dataset].size
+        if not 1 <= self.n_examples <= size:
+            label = TEST_SETS[self.dataset].label
+            raise ValueError(f"--n-examples must be in [1, {size}] ({label}): {self.n_examples}")
+        for name in ("batch_size", "n_queries", "eot", "n_iter"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         self.threat()
         parse_protocols(self.protocols)
         if self.defense == "diffpure":
@@ -150,19 +172,57 @@ class AttackRun:
 
 
 def load_data(run: AttackRun):
-    """(x, y, index) of the run's test subset; a clear exit if the data is missing."""
+    """(x, y, index) of the run's test subset; a UsageError if the data is missing."""
     try:
-        return TEST_SETS[run.dataset][1](run.n_examples, run.data_seed, run.data_dir)
+        return TEST_SETS[run.dataset].load(run.n_examples, run.data_seed, run.data_dir)
     except DataNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise UsageError(str(e)) from None
+
+
+def check_inputs(rows: Sequence[tuple[AttackRun, str]]) -> None:
+    """Refuse, before any work and listing every problem at once, what would stop the runs
+    (run, workdir) later: a missing checkpoint, missing data, a workdir that is a file or
+    holds a run with other settings. Raises UsageError."""
+    problems = []
+    kinds = {}
+    for run, _ in rows:
+        kinds[run.classifier] = "classifier"
+        if run.defense == "diffpure":
+            kinds[run.score] = "score"
+    for path, kind in kinds.items():
+        try:
+            check_checkpoint(path, kind)
+        except CheckpointError as e:
+            problems.append(str(e))
+    for run in dict.fromkeys((r.dataset, r.data_dir) for r, _ in rows):
+        try:
+            TEST_SETS[run[0]].load(1, 0, run[1])
+        except DataNotFoundError as e:
+            problems.append(str(e))
+    for run, workdir in rows:
+        parent = os.path.dirname(os.path.normpath(workdir))
+        if any(os.path.isfile(d) for d in (workdir, parent)):
+            problems.append(f"--workdir {parent!r} is a file; pass a directory")
+            continue
+        stored = os.path.join(workdir, RUN_CONFIG)
+        if os.path.isfile(stored):
+            with open(stored) as f:
+                previous = json.load(f)
+            if previous != identity(run):
+                changed = sorted(
+                    k
+                    for k in set(previous) | set(identity(run))
+                    if previous.get(k) != identity(run).get(k)
+                )
+                problems.append(
+                    f"{workdir} holds a run with other settings ({', '.join(changed)}); it is kept"
+                )
+    if problems:
+        raise UsageError("\n".join(dict.fromkeys(problems)))
 
 
 def load_model(run: AttackRun):
-    """The classifier, purified when defense is diffpure; a clear exit if a checkpoint is
-    missing."""
-    for path in [run.classifier] + ([run.score] if run.defense == "diffpure" else []):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise SystemExit(f"error: no checkpoint at {path!r}. {run.checkpoint_hint}")
+    """The classifier, purified when defense is diffpure (`check_inputs` first)."""
     classifier = load_classifier(run.classifier)
     if run.defense == "diffpure":
         c = run.purify_config()
@@ -183,7 +243,7 @@ def evaluate(run: AttackRun, workdir: str, data=None, after_batch=None) -> dict:
         description=identity(run),
     )
     print(
-        f"{len(x)} {TEST_SETS[run.dataset][0]} test images, {jax.local_device_count()} "
+        f"{len(x)} {TEST_SETS[run.dataset].label} test images, {jax.local_device_count()} "
         f"device(s) per process, process {jax.process_index()} of {jax.process_count()}; "
         f"workdir {workdir}"
     )

@@ -23,13 +23,47 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fractions
+import functools
 import hashlib
 import json
 import os
+import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any
+
+DEBUG_ENV = "DIFFPURE_DEBUG"  # set to 1 for tracebacks instead of one-line refusals
+
+
+class UsageError(Exception):
+    """A bad setting or a missing input, found before any work: the CLI prints `error: ...`
+    and exits with code 2 (`cli_main`)."""
+
+
+def cli_main(main: Callable) -> Callable:
+    """Wrap an entry point's `main(argv=None, ...)`: a `UsageError` becomes `error: ...` on
+    stderr and exit code 2, without a traceback (unless DIFFPURE_DEBUG=1)."""
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UsageError as e:
+            if os.environ.get(DEBUG_ENV) == "1":
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapped
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are two lines (the message and where the flags are)
+    instead of the generated usage of every flag."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n(`{self.prog} --help` lists every flag)\n")
 
 
 def field(
@@ -51,7 +85,7 @@ def config_words(arg: str, allowed: Sequence[str]) -> list[str]:
     words = [w for w in arg.split(",") if w]
     unknown = [w for w in words if w not in allowed]
     if unknown:
-        raise SystemExit(f"error: unknown config word(s) {unknown}; use {list(allowed)}")
+        raise UsageError(f"unknown config word(s) {unknown}; use {list(allowed)}")
     return words
 
 
@@ -188,15 +222,18 @@ def parse_config(
     arg_flags: fields whose flag also selects the config variant (e.g. `norm`: `--norm L2`
     adds the word `L2` to `--config`, so eps and t* take the L2 variant's values).
     """
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = _Parser(add_help=False)
     pre.add_argument("--config", default="")
     for name in arg_flags:
         pre.add_argument("--" + name.replace("_", "-"), dest=name, default=None)
     known, _ = pre.parse_known_args(argv)
     words = [w for w in known.config.split(",") if w]
     words += [getattr(known, name) for name in arg_flags if getattr(known, name) is not None]
-    config = module.get_config(",".join(words))
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = _Parser(prog=prog, description=description)
+    try:
+        config = module.get_config(",".join(words))
+    except UsageError as e:
+        parser.error(str(e))
     parser.add_argument(
         "--config",
         default=known.config,
@@ -212,5 +249,5 @@ def parse_config(
             changes[path] = value
     try:
         return _replace(config, changes)
-    except ValueError as e:
+    except (ValueError, UsageError) as e:
         parser.error(str(e))

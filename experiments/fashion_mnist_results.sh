@@ -9,13 +9,7 @@ SIZE=$([ "${FULL:-0}" = 1 ] && echo full || echo reduced)
 # Each attack study is a config (experiments/configs/fashion_mnist_autoattack.py): its settings
 # at either size live there, not here.
 RUN="$PY -m experiments.fashion_mnist_autoattack --no-progress --config"
-if [ "$SIZE" = full ]; then
-  SWEEP_TITLE="PGD-EOT (final iterate), exact grad., EOT 20, 200 iter., 512 images, 100 steps"
-  ACC_N=10000
-else
-  SWEEP_TITLE="PGD-EOT (final iterate), exact grad., EOT 2, 10 iter., 32 images, 10 steps"
-  ACC_N=1000
-fi
+ACC_N=$([ "$SIZE" = full ] && echo 10000 || echo 1000)  # images of the accuracy report
 
 # Quality of the shipped models (clean and purified clean accuracy, samples from noise).
 $PY -m experiments.reports.accuracy --n "$ACC_N" --dt 1e-3 --t-star 0.1 \
@@ -54,7 +48,6 @@ $RUN "bpda,$SIZE"
 # t* sweep: PGD-EOT (final iterate) with exact gradients, the same number of reverse steps at
 # every t* (so every point costs the same).
 $RUN "sweep,$SIZE"
-$PY -m experiments.reports.sweep --workdirs workdir/fmnist_sweep/diffpure-* \
-  --title "$SWEEP_TITLE"
+$PY -m experiments.reports.sweep --workdirs workdir/fmnist_sweep/diffpure-*
 $PY -m experiments.reports.grid \
   --workdir "$(ls -d workdir/fmnist_exact/diffpure-* | head -n 1)"

@@ -30,7 +30,7 @@ from diffpure_jax import load_classifier, models
 from diffpure_jax.checkpoint import read_config, save_variables
 from diffpure_jax.data import DataNotFoundError, as_arrays, fashion_mnist_source
 from diffpure_jax.train import train_classifier
-from experiments.config import parse_config
+from experiments.config import UsageError, cli_main, parse_config
 from experiments.configs import train_classifier as config_module
 from experiments.configs.train_classifier import TrainClassifierRun
 
@@ -57,22 +57,23 @@ def _initial_variables(directory: str, kwargs: dict) -> dict:
     """The variables of the classifier at `directory`, which must be a WideResNet like `kwargs`."""
     config = read_config(directory)
     if config.get("architecture") != "wideresnet" or config.get("kwargs") != kwargs:
-        raise SystemExit(
+        raise UsageError(
             f"--init-from {directory} is a {config.get('architecture')} {config.get('kwargs')}; "
             f"pass --depth/--widen-factor to match it (now {kwargs})"
         )
     return load_classifier(directory).variables
 
 
+@cli_main
 def main(argv=None, after_step=None) -> dict:
     run = get_run(argv)
     if os.path.exists(os.path.join(run.out, "variables")):
-        raise SystemExit(f"{run.out} already holds a checkpoint; remove it or pass another --out.")
+        raise UsageError(f"{run.out} already holds a checkpoint; remove it or pass another --out.")
     try:
         x, y = as_arrays(fashion_mnist_source("train", run.data_dir))
         x_test, y_test = as_arrays(fashion_mnist_source("test", run.data_dir))
     except DataNotFoundError as e:
-        raise SystemExit(str(e)) from e
+        raise UsageError(str(e)) from e
     if run.n_train:
         x, y = x[: run.n_train], y[: run.n_train]
     loop = run.loop(len(x))

@@ -21,7 +21,7 @@ import sys
 
 from diffpure_jax.data import DataNotFoundError, as_arrays, fashion_mnist_source
 from diffpure_jax.train import train_score
-from experiments.config import parse_config
+from experiments.config import UsageError, cli_main, parse_config
 from experiments.configs import train_score as config_module
 from experiments.configs.train_score import TrainScoreRun
 
@@ -34,14 +34,15 @@ def get_run(argv=None) -> TrainScoreRun:
     return parse_config(config_module, argv, PROG, " ".join(f"{title} {settings}".split()))
 
 
+@cli_main
 def main(argv=None, after_step=None) -> dict:
     run = get_run(argv)
     if os.path.exists(os.path.join(run.out, "variables")):
-        raise SystemExit(f"{run.out} already holds a checkpoint; remove it or pass another --out.")
+        raise UsageError(f"{run.out} already holds a checkpoint; remove it or pass another --out.")
     try:
         x, _ = as_arrays(fashion_mnist_source("train", run.data_dir))
     except DataNotFoundError as e:
-        raise SystemExit(str(e)) from e
+        raise UsageError(str(e)) from e
     if run.n_train:
         x = x[: run.n_train]
     config = train_score(

@@ -179,3 +179,20 @@ def max_rel_err(ours, ref) -> float:
     """max |ours - ref| / max |ref| (ours NHWC or any layout matching ref)."""
     ours, ref = np.asarray(ours), np.asarray(ref)
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def refusal(capsys, main, argv, max_lines: int = 4) -> str:
+    """Run an entry point's `main(argv)` that must refuse: exit code 2, an `error: ...` message
+    of at most max_lines lines on stderr and no traceback. Returns the message."""
+    capsys.readouterr()
+    try:
+        main(argv)
+    except SystemExit as e:
+        code = e.code
+    else:
+        raise AssertionError(f"{argv} was not refused")
+    err = capsys.readouterr().err
+    assert code == 2, (code, err)
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    assert len(err.splitlines()) <= max_lines, err
+    return err

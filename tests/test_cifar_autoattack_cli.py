@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 import tensorflow_datasets as tfds
+from helpers import refusal
 
 from diffpure_jax.checkpoint import save_variables
 from diffpure_jax.models import build_model
@@ -42,6 +43,7 @@ def tiny_score(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_undefended_standard_autoattack_on_mock_cifar10(random_wrn, tmp_path, capsys):
     argv = [
         "--classifier", random_wrn, "--defense", "none", "--version", "standard",
@@ -62,6 +64,7 @@ def test_undefended_standard_autoattack_on_mock_cifar10(random_wrn, tmp_path, ca
     assert "| one_draw | 6 |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_defended_rand_autoattack_on_mock_cifar10(random_wrn, tiny_score, tmp_path):
     argv = [
         "--classifier", random_wrn, "--score", tiny_score, "--t-star", "0.002",
@@ -75,9 +78,17 @@ def test_defended_rand_autoattack_on_mock_cifar10(random_wrn, tiny_score, tmp_pa
     assert set(summary["robust_accuracy"]) == {"one_draw", "majority_of_3"}
 
 
-def test_missing_checkpoint_and_data_say_what_to_do(tmp_path):
+def test_missing_checkpoint_and_data_say_what_to_do(tmp_path, capsys, random_wrn, tiny_score):
+    nothing = str(tmp_path / "nothing")
     with tfds.testing.mock_data(num_examples=4):
-        with pytest.raises(SystemExit, match="Convert the official weights first"):
-            cifar_autoattack.main(["--classifier", str(tmp_path / "nothing"), "--n-examples", "2"])
-    with pytest.raises(SystemExit, match="CIFAR-10 is not prepared"):
-        cifar_autoattack.main(["--data-dir", str(tmp_path), "--n-examples", "2"])
+        err = refusal(capsys, cifar_autoattack.main, ["--classifier", nothing, "--n-examples", "2"])
+    assert "no classifier checkpoint at" in err and nothing in err
+    assert "python -m diffpure_jax.convert robustbench-wrn" in err
+    ok = ["--classifier", random_wrn, "--score", tiny_score, "--n-examples", "2"]
+    err = refusal(capsys, cifar_autoattack.main, ["--data-dir", str(tmp_path), *ok], 5)
+    assert "CIFAR-10 is not prepared" in err
+    # Every missing input at once, before any work: both checkpoints and the data.
+    argv = ["--data-dir", str(tmp_path), "--classifier", nothing, "--score", nothing + "2"]
+    err = refusal(capsys, cifar_autoattack.main, [*argv, "--workdir", str(tmp_path / "w")], 6)
+    assert nothing in err and nothing + "2" in err and "CIFAR-10 is not prepared" in err
+    assert not (tmp_path / "w").exists()  # nothing was created

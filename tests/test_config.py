@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+from helpers import refusal
 
 from experiments import cifar_autoattack, fashion_mnist_autoattack
 from experiments.attack import AttackRun
@@ -56,12 +57,10 @@ def test_bad_values_are_refused_before_any_work(capsys):
         (["--protocols", "best_of_3"], "unknown protocol"),
         (["--eps", "x"], "expected a number or a fraction"),
     ]:
-        with pytest.raises(SystemExit) as e:
-            cifar_autoattack.get_run(argv)
-        assert e.value.code == 2
-        assert message in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="unknown config word"):
-        cifar_autoattack.get_run(["--config", "Linf,big"])
+        assert message in refusal(capsys, cifar_autoattack.get_run, argv)
+    assert "unknown config word" in refusal(
+        capsys, cifar_autoattack.get_run, ["--config", "Linf,big"]
+    )
 
 
 def test_bpda_attack_takes_bpda_gradients():
@@ -71,8 +70,17 @@ def test_bpda_attack_takes_bpda_gradients():
 def test_fashion_mnist_main_rows():
     study = fashion_mnist_autoattack.get_study([])
     rows = fmnist.study_rows(study)
-    assert [r for r, _ in rows] == ["undefended", "adv-trained", "diffpure"]
-    (_, und), (_, adv), (_, diff) = rows
+    assert [r for r, _ in rows] == [
+        "undefended", "adv-trained", "diffpure", "diffpure-exact", "diffpure-final",
+    ]  # fmt: skip
+    (_, und), (_, adv), (_, diff), (_, exact), (_, final) = rows
+    # The paper's gradient and the honest one, side by side; then the final iterate, judged
+    # over 10 purifications.
+    assert dataclasses.replace(diff, grad="exact") == exact
+    assert (
+        dataclasses.replace(diff, grad="exact", attack="pgd-eot-final", protocols=fmnist.STRICT)
+        == final
+    )
     assert type(diff) is AttackRun  # rows are plain runs: the study's own fields are not stored
     # The reduced protocol the README documents.
     assert (diff.n_examples, diff.dt, diff.eot, diff.n_iter, diff.n_queries) == (
@@ -89,7 +97,7 @@ def test_fashion_mnist_main_rows():
             "none", "standard", None, None, None, None,
         )  # fmt: skip
         assert u.protocols == ("one_draw",) and u.n_iter == diff.n_iter
-    assert len({run_dir("w", r, run) for r, run in rows}) == 3
+    assert len({run_dir("w", r, run) for r, run in rows}) == 5
 
 
 def test_fashion_mnist_variants():

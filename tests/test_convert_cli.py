@@ -33,12 +33,14 @@ def test_cli_converts_score_model_and_classifier(reference_dir, tmp_path, score_
 
 
 def test_cli_reports_mismatch_without_traceback(reference_dir, tmp_path):
+    # the sizes are read from the file, but an explicit option wins: a wrong one is refused
     src = reference_dir / "score_sde_cifar10_small.pth"
     proc = subprocess.run(
-        [sys.executable, "-m", "diffpure_jax.convert", "score-sde", str(src), str(tmp_path / "o")],
+        [sys.executable, "-m", "diffpure_jax.convert", "score-sde", str(src), str(tmp_path / "o")]
+        + ["--arch", "num_res_blocks=3"],
         capture_output=True,
         text=True,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.startswith("error: the checkpoint") and "missing keys" in proc.stderr
     assert "Traceback" not in proc.stderr

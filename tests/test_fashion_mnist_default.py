@@ -24,6 +24,7 @@ def test_subset():
     return fashion_mnist_test(16, seed=0)  # fails with the apt-get hint if the data is missing
 
 
+@pytest.mark.slow
 def test_embedded_default_runs_at_its_smallest_size(tmp_path, capsys, test_subset):
     argv = [
         "--n-examples", "2", "--batch-size", "2", "--n-iter", "2", "--eot", "1",
@@ -35,9 +36,11 @@ def test_embedded_default_runs_at_its_smallest_size(tmp_path, capsys, test_subse
     table = fashion_mnist_autoattack.main(argv)
     out = capsys.readouterr().out
     assert table in out
-    for row in ("undefended", "adv-trained", "diffpure"):
+    for row in ("undefended", "adv-trained", "diffpure", "diffpure-exact", "diffpure-final"):
         assert f"| {row} |" in table
-    assert len(os.listdir(tmp_path)) == 3  # one resumable workdir per row
+    assert "| worst_of_10 |" in table and "| majority_of_10 |" in table
+    assert "Reading: DiffPure's robust accuracy is" in table
+    assert len(os.listdir(tmp_path)) == 5  # one resumable workdir per row
     again = fashion_mnist_autoattack.main(argv)  # every row resumes from its records
     assert again == table
 
@@ -45,7 +48,7 @@ def test_embedded_default_runs_at_its_smallest_size(tmp_path, capsys, test_subse
     from experiments.reports import grid as grid_report
     from experiments.reports import sweep as sweep_report
 
-    (diffpure,) = [d for d in os.listdir(tmp_path) if d.startswith("diffpure-")]
+    (diffpure,) = [d for d in os.listdir(tmp_path) if d.startswith("diffpure-final-")]
     workdir = os.path.join(tmp_path, diffpure)
     grid, sweep = tmp_path / "grid.png", tmp_path / "sweep.png"
     grid_report.main(["--workdir", workdir, "--n", "2", "--out", str(grid)])

@@ -23,6 +23,7 @@ def linear_loss(score, config, x, key, w):
     return jnp.sum(w * purify(score, config, x, key))
 
 
+@pytest.mark.slow
 def test_exact_gradient_matches_finite_differences_float64():
     with jax.enable_x64(True):
         score = tiny_score_model(dtype=jnp.float64)
@@ -86,6 +87,7 @@ def test_backsolve_adjoint_for_heun_matches_exact_heun():
         assert rel(adjoint, exact) < 1e-2
 
 
+@pytest.mark.slow
 def test_adjoint_vs_exact_small_ncsnpp(small_score):
     """The paper's adjoint gradient vs the exact one on the reference NCSN++ (random weights,
     100 steps). Random weights make the backward state reconstruction far from the forward path,

@@ -14,6 +14,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from helpers import problem
 
 from diffpure_jax.runner import read_records, run_evaluation
@@ -45,6 +46,7 @@ def _cpu_env(n_devices: int) -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     port = _free_port()
     # (processes, process id, devices per process, workdir): the 2-process run and the reference,

@@ -46,6 +46,7 @@ def test_mesh_and_processes_single_process():
     assert sharding.gather(np.array([1, 2])).tolist() == [[1, 2]]
 
 
+@pytest.mark.slow
 def test_eight_devices_equal_one_device(tmp_path):
     out = tmp_path / "report.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}

@@ -21,6 +21,7 @@ SMALL_WRN = {"depth": 10, "widen_factor": 1, "num_classes": 10}
 images = square_images
 
 
+@pytest.mark.slow
 def test_score_step_lowers_the_loss_on_a_fixed_batch():
     module = models.build_model("ncsnpp", SMALL_NCSNPP)
     cfg = sc.ScoreTraining(lr=2e-3, warmup_steps=1)
@@ -150,6 +151,7 @@ def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path):
     assert model(jnp.asarray(x[:2])).shape == (2, 10)
 
 
+@pytest.mark.slow
 def test_score_training_exports_a_purifier_and_can_be_extended(tmp_path):
     x, _ = images(32)
     loop = LoopConfig(n_steps=2, batch_size=8, seed=0, save_every=1)

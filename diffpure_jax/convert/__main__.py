@@ -5,37 +5,67 @@
     python -m diffpure_jax.convert diffpure-wrn-dropout weights.pt checkpoints/cifar10-wrn-70-16-dp
     python -m diffpure_jax.convert robustbench-dm-wrn weights-best.pt checkpoints/cifar10-dm-wrn
 
-`--arch key=value` overrides an architecture option (e.g. nf=16 num_res_blocks=2 for a reduced
-model). Files are read with torch.load(weights_only=True): a pickle that would run code is refused.
+The sizes (NCSN++ nf, num_channels, num_res_blocks; WRN depth, width, num_classes) are read from
+the file's shapes; `--arch key=value` sets an architecture option and wins over what is read.
+Files are read with torch.load(weights_only=True): a pickle that would run code is refused.
+A refusal prints `error: ...` and exits with status 2 (DIFFPURE_DEBUG=1 shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .classifiers import VARIANTS, convert_classifier
-from .common import ConversionError
+from .common import ConversionError, format_arch
 from .score_sde import convert_score_sde
+
+EXIT_REFUSED = 2
+DEBUG_ENV = "DIFFPURE_DEBUG"  # set to 1 for tracebacks instead of one-line refusals
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are two lines (the message and where the flags are) instead
+    of the generated usage of every flag."""
+
+    def error(self, message):
+        self.exit(EXIT_REFUSED, f"error: {message}\n(`{self.prog} --help` lists every flag)\n")
 
 
 def _parse_arch(items: list[str]) -> dict:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--arch expects key=value, got {item!r}")
-        out[key] = json.loads(value) if value[:1] in "[{0123456789-tf" else value
+        if not sep or not key:
+            raise ConversionError(f"--arch expects KEY=VALUE (e.g. nf=16), got {item!r}")
+        try:
+            out[key] = json.loads(value)  # numbers, true/false, [lists]
+        except ValueError:
+            out[key] = value  # a plain string
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m diffpure_jax.convert", description=__doc__)
+    """Run the converter and return 0. A refused input prints `error: ...` (one or two lines) on
+    stderr and raises SystemExit(2), without a traceback unless DIFFPURE_DEBUG=1."""
+    parser = _Parser(
+        prog="python -m diffpure_jax.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("source", choices=["score-sde", *sorted(VARIANTS)], help="checkpoint kind")
     parser.add_argument("src", help="official PyTorch checkpoint file")
     parser.add_argument("out_dir", help="output directory (must not hold a checkpoint yet)")
-    parser.add_argument("--arch", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--arch",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="architecture options, e.g. nf=16 num_res_blocks=2 or depth=16 widen_factor=2 "
+        "(default: read from the file)",
+    )
     parser.add_argument(
         "--weights",
         choices=["ema", "model"],
@@ -43,16 +73,25 @@ def main(argv: list[str] | None = None) -> int:
         help="score-sde only: EMA weights (what DiffPure uses, default) or the raw 'model' entry",
     )
     args = parser.parse_args(argv)
-    arch = _parse_arch(args.arch)
     try:
+        arch = _parse_arch(args.arch)
         if args.source == "score-sde":
-            config = convert_score_sde(args.src, args.out_dir, weights=args.weights, **arch)
+            config = convert_score_sde(
+                args.src, args.out_dir, weights=args.weights, infer=True, **arch
+            )
         else:
-            config = convert_classifier(args.src, args.out_dir, args.source, **arch)
+            config = convert_classifier(args.src, args.out_dir, args.source, infer=True, **arch)
     except (ConversionError, FileExistsError) as e:
+        if os.environ.get(DEBUG_ENV) == "1":
+            raise
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise SystemExit(EXIT_REFUSED) from None
     print(f"wrote {args.out_dir}: {config['architecture']} {json.dumps(config['kwargs'])}")
+    inferred = config["source"].get("inferred")
+    if inferred:
+        print(
+            f"read from the file: {format_arch(inferred)} (set with --arch KEY=VALUE to override)"
+        )
     return 0
 
 

@@ -8,12 +8,16 @@ Variants (how DiffPure / RobustBench load each file):
   a plain state_dict with a 'module.' prefix.
 * 'robustbench-dm-wrn': RobustBench DMWideResNet-70-16 (`cifar10-wideresnet-70-16`);
   `ckpt['model_state_dict']` with a 'module.0.' prefix.
+
+Depth, width and num_classes can be read from the file (`infer_architecture`); the command line
+does so (`infer=True`), explicit options win. drop_rate and normalize are not stored in a file.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -25,9 +29,12 @@ from .. import models
 from ..checkpoint import save_variables
 from .common import (
     ConversionError,
+    architecture_hint,
+    check_out_dir,
     convert_state_dict,
     expected_torch_shapes,
     load_torch_file,
+    model_template,
     strip_prefix,
     to_numpy_state_dict,
 )
@@ -117,10 +124,54 @@ def _ignored(keys: Iterable[str], patterns: Iterable[str]) -> set[str]:
     return {k for k in keys if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
 
 
-def _abstract_variables(architecture: str, kwargs: dict) -> Any:
-    module = models.build_model(architecture, kwargs)
-    x = jax.ShapeDtypeStruct((1, *INPUT_SHAPE), jnp.float32)
-    return jax.eval_shape(module.init, jax.random.key(0), x)
+def _abstract_variables(architecture: str, kwargs: dict, shown: dict | None = None) -> Any:
+    def build():
+        module = models.build_model(architecture, kwargs)
+        x = jax.ShapeDtypeStruct((1, *INPUT_SHAPE), jnp.float32)
+        return jax.eval_shape(module.init, jax.random.key(0), x)
+
+    return model_template(build, kwargs, shown)
+
+
+# architecture -> (block key pattern of group {g}, its 3 groups, first conv of the first group,
+#                  width option, classifier layer)
+_LAYOUT = {
+    "wideresnet": (
+        r"block{g}\.layer\.(\d+)\.",
+        (1, 2, 3),
+        "block1.layer.0.conv1.weight",
+        "widen_factor",
+        "fc",
+    ),
+    "dm_wideresnet": (
+        r"layer\.{g}\.block\.(\d+)\.",
+        (0, 1, 2),
+        "layer.0.block.0.conv_0.weight",
+        "width",
+        "logits",
+    ),
+}
+
+
+def infer_architecture(variant: str, state_dict: Mapping[str, Any]) -> dict:
+    """The sizes a bare state_dict's key names and shapes give for `variant`: depth (6n+4 with n
+    blocks in each of the 3 groups), the width (the first block's channels / 16) and num_classes.
+    Sizes it cannot read unambiguously are left out."""
+    block, groups, first_conv, width_option, head = _LAYOUT[_variant(variant)[0]]
+    out: dict[str, Any] = {}
+    counts = set()
+    for g in groups:
+        pattern = re.compile(block.format(g=g))
+        counts.add(len({m.group(1) for k in state_dict if (m := pattern.match(k))}))
+    if len(counts) == 1 and (n := counts.pop()) > 0:
+        out["depth"] = 6 * n + 4
+    shape = tuple(getattr(state_dict.get(first_conv), "shape", ()))
+    if len(shape) == 4 and shape[0] % 16 == 0:
+        out[width_option] = int(shape[0]) // 16
+    shape = tuple(getattr(state_dict.get(f"{head}.weight"), "shape", ()))
+    if len(shape) == 2:
+        out["num_classes"] = int(shape[0])
+    return out
 
 
 def _arch_kwargs(variant: str, arch_overrides: dict) -> tuple[str, dict, tuple[str, ...]]:
@@ -140,20 +191,29 @@ def expected_torch_keys(variant: str, **arch_overrides) -> dict[str, tuple[int, 
     return expected_torch_shapes(_abstract_variables(architecture, kwargs))
 
 
-def convert_classifier(src: str, out_dir: str, variant: str, **arch_overrides) -> dict:
+def convert_classifier(
+    src: str, out_dir: str, variant: str, infer: bool = False, **arch_overrides
+) -> dict:
     """Convert the PyTorch checkpoint `src` of `variant` into a diffpure_jax checkpoint `out_dir`.
 
     `arch_overrides` replace the default (full official) sizes, e.g. depth=16, widen_factor=2.
-    Raises ConversionError naming every missing, unused or misshaped key. Returns the config.
+    With `infer`, the sizes not given in `arch_overrides` are read from the file
+    (`infer_architecture`) and listed in the config's source.inferred. Raises KeyMismatchError
+    (a ConversionError) counting the missing, unused and misshaped keys. Returns the config.
     """
-    architecture, kwargs, ignore = _arch_kwargs(variant, arch_overrides)
+    _arch_kwargs(variant, arch_overrides)  # unknown options fail before the file is read
+    check_out_dir(out_dir)
     state_dict = classifier_state_dict(load_torch_file(src), variant)
-    abstract = _abstract_variables(architecture, kwargs)
+    found = infer_architecture(variant, state_dict)
+    inferred = {k: v for k, v in found.items() if k not in arch_overrides} if infer else {}
+    architecture, kwargs, ignore = _arch_kwargs(variant, {**inferred, **arch_overrides})
+    abstract = _abstract_variables(architecture, kwargs, shown={**inferred, **arch_overrides})
     variables = convert_state_dict(
         state_dict,
         abstract,
         ignore=_ignored(state_dict, ignore),
         what=f"{variant} checkpoint {os.path.basename(src)!r}",
+        hint=architecture_hint(found, kwargs),
     )
     config = {
         "kind": "classifier",
@@ -162,5 +222,7 @@ def convert_classifier(src: str, out_dir: str, variant: str, **arch_overrides) -
         "input_shape": list(INPUT_SHAPE),
         "source": {"file": os.path.basename(src), "variant": variant},
     }
+    if inferred:
+        config["source"]["inferred"] = inferred
     save_variables(out_dir, variables, config)
     return config

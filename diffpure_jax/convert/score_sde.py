@@ -5,11 +5,16 @@ The file is {'model': DataParallel state_dict ('module.' keys), 'ema': {'shadow_
 unnamed list in `model.parameters()` order, which is the order of the 'model' state_dict keys
 without the buffer 'sigmas'. The 'model' entry is NOT the EMA network (`weights='model'` takes it
 anyway, for comparisons).
+
+The sizes nf, num_channels and num_res_blocks can be read from the file (`infer_architecture`); the
+command line does so (`infer=True`), explicit options win.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -19,9 +24,12 @@ from ..checkpoint import save_variables
 from ..models.ncsnpp import NCSNpp
 from .common import (
     ConversionError,
+    architecture_hint,
+    check_out_dir,
     convert_state_dict,
     expected_torch_shapes,
     load_torch_file,
+    model_template,
     strip_prefix,
     to_numpy_state_dict,
 )
@@ -48,19 +56,58 @@ def architecture(**overrides: Any) -> dict:
     """NCSNpp kwargs: the full CIFAR-10 DDPM++ deep continuous config with `overrides`."""
     unknown = set(overrides) - set(CIFAR10_DDPMPP_DEEP_CONTINUOUS)
     if unknown:
-        raise ConversionError(f"unknown NCSN++ options {sorted(unknown)}")
+        raise ConversionError(
+            f"unknown NCSN++ option(s) {sorted(unknown)}; known: "
+            f"{', '.join(CIFAR10_DDPMPP_DEEP_CONTINUOUS)}"
+        )
     kwargs = {**CIFAR10_DDPMPP_DEEP_CONTINUOUS, **overrides}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
 
 
-def abstract_variables(kwargs: dict):
-    size, channels = kwargs["image_size"], kwargs["num_channels"]
-    return jax.eval_shape(
-        NCSNpp(**kwargs).init,
-        jax.random.key(0),
-        jnp.zeros((1, size, size, channels)),
-        jnp.zeros((1,)),
-    )
+def abstract_variables(kwargs: dict, shown: dict | None = None):
+    """The Flax variables tree of NCSNpp(**kwargs), shapes only; options that make no model
+    fail as a ConversionError naming `shown` (default: all kwargs)."""
+
+    def build():
+        size, channels = kwargs["image_size"], kwargs["num_channels"]
+        return jax.eval_shape(
+            NCSNpp(**kwargs).init,
+            jax.random.key(0),
+            jnp.zeros((1, size, size, channels)),
+            jnp.zeros((1,)),
+        )
+
+    return model_template(build, kwargs, shown)
+
+
+_MODULE_KEY = re.compile(r"^all_modules\.(\d+)\.(.+)$")
+
+
+def infer_architecture(
+    state_dict: Mapping[str, Any],
+    ch_mult: Sequence[int] = CIFAR10_DDPMPP_DEEP_CONTINUOUS["ch_mult"],
+) -> dict:
+    """The NCSN++ sizes that a bare state_dict's key names and shapes give: nf and num_channels
+    from the first conv (nf, num_channels, 3, 3), num_res_blocks from the number of residual
+    blocks (len(ch_mult) * (2 num_res_blocks + 3) of them). Sizes it cannot read are left out."""
+    modules: dict[int, dict[str, tuple[int, ...]]] = {}
+    for key, value in state_dict.items():
+        m = _MODULE_KEY.match(key)
+        if m:
+            modules.setdefault(int(m.group(1)), {})[m.group(2)] = tuple(getattr(value, "shape", ()))
+    out: dict[str, Any] = {}
+    for i in sorted(modules):
+        shape = modules[i].get("weight", ())
+        if len(shape) == 4:  # the input conv3x3 (the time-embedding Dense layers come first)
+            out["nf"], out["num_channels"] = int(shape[0]), int(shape[1])
+            break
+    n_blocks = sum("Conv_1.weight" in params for params in modules.values())
+    levels = len(ch_mult) if isinstance(ch_mult, list | tuple) else 0
+    if n_blocks and levels and n_blocks % levels == 0:
+        per_level = n_blocks // levels - 3
+        if per_level >= 2 and per_level % 2 == 0:
+            out["num_res_blocks"] = per_level // 2
+    return out
 
 
 def expected_torch_keys(**overrides: Any) -> dict[str, tuple[int, ...]]:
@@ -103,15 +150,28 @@ def score_sde_state_dict(ckpt: Any, weights: str = "ema") -> dict:
     return out
 
 
-def convert_score_sde(src: str, out_dir: str, weights: str = "ema", **overrides: Any) -> dict:
+def convert_score_sde(
+    src: str, out_dir: str, weights: str = "ema", infer: bool = False, **overrides: Any
+) -> dict:
     """Convert `src` (checkpoint_8.pth) into a diffpure_jax checkpoint at `out_dir`.
 
     `overrides` change the architecture (e.g. nf=16, num_res_blocks=2 for the small test model).
-    Returns the saved config.
+    With `infer`, the sizes not given in `overrides` are read from the file
+    (`infer_architecture`) and listed in the config's source.inferred. Returns the saved config.
     """
-    kwargs = architecture(**overrides)
+    architecture(**overrides)  # unknown options fail before the file is read
+    check_out_dir(out_dir)
     state_dict = score_sde_state_dict(load_torch_file(src), weights)
-    variables = convert_state_dict(state_dict, abstract_variables(kwargs), what=f"checkpoint {src}")
+    ch_mult = overrides.get("ch_mult", CIFAR10_DDPMPP_DEEP_CONTINUOUS["ch_mult"])
+    found = infer_architecture(state_dict, ch_mult)
+    inferred = {k: v for k, v in found.items() if k not in overrides} if infer else {}
+    kwargs = architecture(**inferred, **overrides)
+    variables = convert_state_dict(
+        state_dict,
+        abstract_variables(kwargs, shown={**inferred, **overrides}),
+        what=f"checkpoint {os.path.basename(src)!r}",
+        hint=architecture_hint(found, kwargs, ("ch_mult", "attn_resolutions", "image_size")),
+    )
     config = {
         "kind": "score",
         "architecture": "ncsnpp",
@@ -121,5 +181,7 @@ def convert_score_sde(src: str, out_dir: str, weights: str = "ema", **overrides:
         "sde": SDE,
         "source": {"file": os.path.basename(src), "weights": weights},
     }
+    if inferred:
+        config["source"]["inferred"] = inferred
     save_variables(out_dir, variables, config)
     return config

@@ -36,9 +36,4 @@ def get_config(arg: str = "") -> AttackRun:
         n_examples=512,
         batch_size=64,
         workdir="workdir/cifar_autoattack",
-        checkpoint_hint=(
-            "Convert the official weights first (see checkpoints/README.md), e.g. "
-            "python -m diffpure_jax.convert robustbench-wrn Standard.pt "
-            "checkpoints/cifar10-wrn-28-10"
-        ),
     )

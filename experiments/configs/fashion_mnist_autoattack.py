@@ -2,8 +2,11 @@
 
 Words of `--config` (comma-separated; one study, one protocol size):
 
-* the study: `main` (default: the undefended, PGD-trained and DiffPure rows under AutoAttack, the
-  DiffPure row `rand` through the paper's adjoint gradient), or one run of the results page
+* the study: `main` (default: the undefended and PGD-trained classifiers under AutoAttack
+  `standard`; DiffPure under AutoAttack `rand` through the paper's adjoint gradient (`diffpure`)
+  and through the exact gradient (`diffpure-exact`); and DiffPure under PGD-EOT with exact
+  gradients judged at the final iterate, one draw, worst and majority of 10 purifications
+  (`diffpure-final`)), or one run of the results page
   (experiments/results/fashion_mnist.md): `undefended` (the two classifiers at full AutoAttack
   strength), `adjoint`, `exact` (AutoAttack rand), `pgd`, `pgd-final`, `bpda` and `sweep`
   (PGD-EOT at the final iterate for t* in 0.05, 0.1, 0.2, 0.3, each with the same number of
@@ -18,8 +21,13 @@ import dataclasses
 from experiments.attack import AttackRun
 from experiments.config import config_words, field
 
-ROWS = ("undefended", "adv-trained", "diffpure")
+ROWS = ("undefended", "adv-trained", "diffpure", "diffpure-exact", "diffpure-final")
 STRICT = ("one_draw", "worst_of_10", "majority_of_10")
+# How the DiffPure rows other than `diffpure` (the study's own settings) differ from it.
+DIFFPURE_ROWS = {
+    "diffpure-exact": dict(grad="exact"),
+    "diffpure-final": dict(grad="exact", attack="pgd-eot-final", protocols=STRICT),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,10 +111,6 @@ def get_config(arg: str = "") -> FashionMnistStudy:
         n_examples=32,
         batch_size=32,
         workdir="workdir/fmnist",
-        checkpoint_hint=(
-            "The Fashion-MNIST checkpoints ship in checkpoints/; retrain one with "
-            "python -m experiments.train_classifier or python -m experiments.train_score."
-        ),
     )
     return dataclasses.replace(base, **_study(study, "full" in words))
 
@@ -121,6 +125,8 @@ def study_rows(study: FashionMnistStudy) -> list[tuple[str, AttackRun]]:
                 out.append((row, dataclasses.replace(run, t_star=t, dt=t / study.sweep_steps)))
         elif row == "diffpure":
             out.append((row, run))
+        elif row in DIFFPURE_ROWS:
+            out.append((row, dataclasses.replace(run, **DIFFPURE_ROWS[row])))
         else:
             classifier = study.adv_classifier if row == "adv-trained" else study.classifier
             out.append((row, run.undefended(classifier, study.undefended_version)))

@@ -18,6 +18,7 @@ import time
 import jax
 
 from diffpure_jax import load_classifier
+from experiments.config import cli_main
 
 from .common import (
     ADV_CLASSIFIER,
@@ -46,10 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     classifiers = {path: load_classifier(path) for path in args.classifier}
-    classify = jax.jit(lambda c, xb: c(xb).argmax(-1))
+    # purified images may leave [0, 1] (not clipped): no range check
+    classify = jax.jit(lambda c, xb: c(xb, check=False).argmax(-1))
     result = {"n_examples": None, "data_seed": args.data_seed, "dt": args.dt, "seed": args.seed}
     result["score"], result["classifiers"] = args.score, {c: {} for c in classifiers}
     for t_star in args.t_star:

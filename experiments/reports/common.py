@@ -11,6 +11,7 @@ import numpy as np
 from diffpure_jax import load_purifier
 from diffpure_jax.data import FASHION_MNIST_CLASSES, DataNotFoundError, fashion_mnist_test
 from diffpure_jax.purified import purify_subset
+from experiments.config import UsageError
 
 SCORE = "checkpoints/fmnist-ncsnpp-small"
 CLASSIFIER = "checkpoints/fmnist-wrn-16-1"
@@ -24,7 +25,7 @@ def load_test_subset(n: int, data_seed: int, data_dir: str | None = None):
     try:
         return fashion_mnist_test(n, data_seed, data_dir)
     except DataNotFoundError as e:
-        raise SystemExit(str(e)) from e
+        raise UsageError(str(e)) from e
 
 
 def purified_dir(
@@ -114,7 +115,7 @@ def pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("the figures need matplotlib: pip install -e '.[figures]'") from None
+        raise UsageError("the figures need matplotlib: pip install -e '.[figures]'") from None
     return plt
 
 

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 
 from diffpure_jax import load_classifier, noise
-from diffpure_jax.purified import diffuse_images
+from diffpure_jax.purify import diffuse_images
+from experiments.config import cli_main
 
 from .common import CLASSIFIER, batched, load_test_subset, scores, write_json
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     x, y, index = load_test_subset(args.n, args.data_seed, args.data_dir)
@@ -51,7 +53,8 @@ def main(argv=None) -> dict:
         return diffuse_images(xb, eps, args.t_star)
 
     x_t = batched(diffused, args.batch_size, x, index)
-    probs = jax.jit(lambda c, xb: jax.nn.softmax(c(xb), -1))
+    # purified or diffused images may leave [0, 1]: no range check
+    probs = jax.jit(lambda c, xb: jax.nn.softmax(c(xb, check=False), -1))
     result = {"n_examples": len(x), "t_star": args.t_star, "seed": args.seed, "classifiers": {}}
     for path in args.classifier:
         c = load_classifier(path)

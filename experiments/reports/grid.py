@@ -18,6 +18,7 @@ import numpy as np
 
 from diffpure_jax import load_classifier, load_purifier
 from diffpure_jax.data import FASHION_MNIST_CLASSES
+from experiments.config import cli_main
 
 from .common import image_grid, load_test_subset, read_summary
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     s = read_summary(args.workdir)["settings"]

@@ -23,6 +23,7 @@ import numpy as np
 
 from diffpure_jax import load_classifier, load_purifier
 from diffpure_jax.protocols import protocol_scores
+from experiments.config import cli_main
 
 from .common import (
     CLASSIFIER,
@@ -46,9 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    probs = jax.jit(lambda c, xb: jax.nn.softmax(c(xb), -1))
+    # purified or diffused images may leave [0, 1]: no range check
+    probs = jax.jit(lambda c, xb: jax.nn.softmax(c(xb, check=False), -1))
     classifiers = {path: load_classifier(path) for path in args.classifier}
     purifier = load_purifier(args.score, t_star=args.t_star, dt=args.dt)
     p = {c: [] for c in classifiers}  # per classifier: (draws, n, K) probabilities

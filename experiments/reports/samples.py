@@ -14,6 +14,7 @@ import numpy as np
 
 from diffpure_jax import load_score_model
 from diffpure_jax.sample import sample
+from experiments.config import cli_main
 
 from .common import SCORE, image_grid
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     score = load_score_model(args.score)

@@ -1,7 +1,6 @@
 """Clean and robust accuracy against t*, from evaluation workdirs, as one PNG.
 
-    python -m experiments.reports.sweep --workdirs workdir/fmnist_sweep/diffpure-* \\
-        --title "PGD-EOT (final iterate), ..."
+    python -m experiments.reports.sweep --workdirs workdir/fmnist_sweep/diffpure-*
 
 Reads each workdir's summary.json (`experiments.fashion_mnist_autoattack`): its t*, its clean
 accuracy and its robust accuracy under every protocol; prints the points as JSON.
@@ -13,6 +12,8 @@ import argparse
 import json
 import sys
 
+from experiments.config import cli_main
+
 from .common import pyplot, read_summary
 
 
@@ -21,11 +22,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m experiments.reports.sweep", description=__doc__.splitlines()[0]
     )
     p.add_argument("--workdirs", nargs="+", required=True)
-    p.add_argument("--title", default="DiffPure on Fashion-MNIST")
+    p.add_argument("--title", default=None, help="default: the runs' settings")
     p.add_argument("--out", default="experiments/results/fashion_mnist_tstar_sweep.png")
     return p
 
 
+def describe(settings: dict) -> str:
+    """A plot title from a run's stored settings (its run_config.json), e.g. 'pgd-eot-final,
+    exact grad., EOT 2, 10 iter., 32 images, 10 steps'."""
+    steps = round(settings["t_star"] / settings["dt"])
+    return (
+        f"{settings['attack']}, {settings['grad']} grad., EOT {settings['eot']}, "
+        f"{settings['n_iter']} iter., {settings['n_examples']} images, {steps} steps"
+    )
+
+
+@cli_main
 def main(argv=None) -> list:
     args = build_parser().parse_args(argv)
     plt = pyplot()
@@ -35,6 +47,7 @@ def main(argv=None) -> list:
         t = summary["settings"]["t_star"]
         points.append((t, summary["clean_accuracy"], summary["robust_accuracy"]))
     points.sort()
+    title = args.title or describe(summary["settings"])
     ts = [p[0] for p in points]
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     ax.plot(ts, [p[1] for p in points], "o-", label="clean (one draw)")
@@ -45,7 +58,7 @@ def main(argv=None) -> list:
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title(args.title, fontsize=8)
+    ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out, dpi=130)
     plt.close(fig)
