@@ -72,10 +72,10 @@ def reading(rows: list[tuple[str, attack.AttackRun, dict]]) -> str:
         said.append(f"{robust['diffpure']['one_draw']:.1f}% through the {grad} gradient")
     if "diffpure-exact" in robust:
         said.append(f"{robust['diffpure-exact']['one_draw']:.1f}% through the exact gradient")
-    final = robust.get("diffpure-final", {})
-    strict = [f"{v:.1f}% {k.replace('_', '-')}" for k, v in final.items() if k != "one_draw"]
-    if strict:
-        said.append(", ".join(strict) + " at the final iterate of exact-gradient PGD-EOT")
+    if "diffpure-final" in robust:
+        run = dict((r, run) for r, run, _ in rows)["diffpure-final"]
+        final = [f"{robust['diffpure-final'][p]:.1f}% {p.replace('_', '-')}" for p in run.protocols]
+        said.append(", ".join(final) + " at the final iterate of exact-gradient PGD-EOT")
     n = min(summary["n_examples"] for *_, summary in rows)
     line = f"Reading: with {n} images a robust accuracy has a standard error of up to "
     line += f"{50 / n**0.5:.0f} points."
