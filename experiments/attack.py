@@ -37,7 +37,7 @@ from diffpure_jax.data import DataNotFoundError, cifar10_test, fashion_mnist_tes
 from diffpure_jax.load import check_checkpoint
 from diffpure_jax.protocols import parse_protocols
 from diffpure_jax.runner import Evaluation, markdown_table, run_evaluation
-from diffpure_jax.workdir import RUN_CONFIG
+from diffpure_jax.workdir import changed_settings
 
 from .config import UsageError, field, identity, parse_fraction
 
@@ -204,19 +204,11 @@ def check_inputs(rows: Sequence[tuple[AttackRun, str]]) -> None:
         if any(os.path.isfile(d) for d in (workdir, parent)):
             problems.append(f"--workdir {parent!r} is a file; pass a directory")
             continue
-        stored = os.path.join(workdir, RUN_CONFIG)
-        if os.path.isfile(stored):
-            with open(stored) as f:
-                previous = json.load(f)
-            if previous != identity(run):
-                changed = sorted(
-                    k
-                    for k in set(previous) | set(identity(run))
-                    if previous.get(k) != identity(run).get(k)
-                )
-                problems.append(
-                    f"{workdir} holds a run with other settings ({', '.join(changed)}); it is kept"
-                )
+        changed = changed_settings(workdir, identity(run))
+        if changed:
+            problems.append(
+                f"{workdir} holds a run with other settings ({', '.join(changed)}); it is kept"
+            )
     if problems:
         raise UsageError("\n".join(dict.fromkeys(problems)))
 
