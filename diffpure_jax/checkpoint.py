@@ -39,6 +39,32 @@ _HOW_TO_GET = {
 }
 _NAMES = {"classifier": "classifier", "score": "score model", None: "diffpure_jax"}
 
+# The official checkpoints by their default directory name (checkpoints/README.md says where to
+# get each file): name -> (`python -m diffpure_jax.convert` source, official file name).
+OFFICIAL = {
+    "cifar10-ddpmpp-deep-cont": ("score-sde", "checkpoint_8.pth"),
+    "cifar10-wrn-28-10": ("robustbench-wrn", "Standard.pt"),
+    "cifar10-wrn-70-16-dp": ("diffpure-wrn-dropout", "weights.pt"),
+    "cifar10-dm-wrn": ("robustbench-dm-wrn", "weights-best.pt"),
+    "imagenet-adm-256-uncond": ("guided-diffusion", "256x256_diffusion_uncond.pt"),
+    "celebahq-ddpm-256": ("ddpm-celebahq", "celeba_hq.ckpt"),
+    "imagenet-resnet50": ("torchvision-resnet50", "resnet50-0676ba61.pth"),
+    "imagenet-wrn-50-2": ("torchvision-wide-resnet50-2", "wide_resnet50_2-95faca4d.pth"),
+    "imagenet-deit-s": ("deit-s", "deit_small_patch16_224-cd65a155.pth"),
+    "celebahq-eyeglasses": ("celebahq-attribute", "net_best.pth"),
+}
+
+
+def how_to_get(directory: str, kind: str | None) -> str:
+    """What to do about a missing checkpoint at `directory`: the converter command of the
+    official file it is named after, else the generic advice for its kind."""
+    name = os.path.basename(os.path.normpath(directory))
+    if name in OFFICIAL:
+        source, file = OFFICIAL[name]
+        command = f"python -m diffpure_jax.convert {source} {file} {directory}"
+        return f"convert the official file: `{command}`"
+    return _HOW_TO_GET[kind].format(d=directory)
+
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded; the message says which file and field."""
@@ -74,7 +100,7 @@ def read_config(directory: str, kind: str | None = None) -> dict:
         what = "does not exist" if not os.path.exists(directory) else f"has no {CONFIG_FILE}"
         raise CheckpointNotFoundError(
             f"no {_NAMES[kind]} checkpoint at {directory!r} ({what}); "
-            f"{_HOW_TO_GET[kind].format(d=directory)} (see checkpoints/README.md)."
+            f"{how_to_get(directory, kind)} (see checkpoints/README.md)."
         )
     try:
         with open(path) as f:

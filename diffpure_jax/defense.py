@@ -20,7 +20,7 @@ import jax
 
 from .attacks.base import eot_logits
 from .classifier import Classifier
-from .purify import Purifier
+from .purify import AbstractPurifier
 
 
 class AbstractRandomClassifier(eqx.Module):
@@ -38,9 +38,10 @@ class AbstractRandomClassifier(eqx.Module):
 
 
 class DefendedClassifier(AbstractRandomClassifier):
-    """Purifier + classifier, a pytree of both models' variables."""
+    """Purifier (any AbstractPurifier: VP-SDE `Purifier` or `ddpm.DDPMPurifier`) + classifier,
+    a pytree of both models' variables."""
 
-    purifier: Purifier
+    purifier: AbstractPurifier
     classifier: Classifier
 
     def __call__(self, x, key, index=None):
@@ -53,7 +54,7 @@ class DefendedClassifier(AbstractRandomClassifier):
         return direct + jax.lax.stop_gradient(logits - direct)
 
     def replace(self, **purify_config_changes) -> DefendedClassifier:
-        """The same models with some PurifyConfig fields changed, e.g. `.replace(grad='bpda')`."""
+        """The same models with purifier config fields changed, e.g. `.replace(grad="bpda")`."""
         return DefendedClassifier(self.purifier.replace(**purify_config_changes), self.classifier)
 
 

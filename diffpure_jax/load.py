@@ -15,11 +15,19 @@ import jax.numpy as jnp
 from . import models
 from .checkpoint import CONFIG_FILE, CheckpointError, first_line, load_variables, read_config
 from .classifier import Classifier
+from .ddpm import DDPMConfig, DDPMPurifier, DDPMSchedule
 from .purify import Purifier, PurifyConfig
-from .score import ScoreModel, eps_continuous_score_fn
+from .score import ScoreModel, eps_continuous_score_fn, guided_diffusion_score_fn
 from .sde import VPSDE
 
-PARAMETERIZATIONS = {"eps_continuous": eps_continuous_score_fn}
+# config.json's "parameterization" -> how the network's output becomes a score (diffpure_jax.score)
+PARAMETERIZATIONS = {
+    "eps_continuous": eps_continuous_score_fn,
+    "guided_diffusion": guided_diffusion_score_fn,
+}
+# DDPM eps networks (SDEdit's CelebA-HQ model): purified by ancestral steps (diffpure_jax.ddpm),
+# not behind a score function.
+DDPM_PARAMETERIZATION = "ddpm_eps"
 _FIX = "restore config.json or re-convert"
 
 
@@ -67,6 +75,12 @@ def load_score_model(directory: str) -> ScoreModel:
             f"{path}: field 'sde' is invalid ({first_line(e)}); {_FIX}."
         ) from None
     parameterization = config.get("parameterization", "eps_continuous")
+    if parameterization == DDPM_PARAMETERIZATION:
+        raise CheckpointError(
+            f"{path}: a DDPM eps network (parameterization {parameterization!r}), purified by "
+            "DDPM ancestral steps, not a VP-SDE score model; load it with "
+            "diffpure_jax.load_purifier (a ddpm.DDPMPurifier)."
+        )
     if parameterization not in PARAMETERIZATIONS:
         raise CheckpointError(
             f"{path}: field 'parameterization' must be one of {tuple(PARAMETERIZATIONS)}, got "
@@ -81,7 +95,45 @@ def load_classifier(directory: str) -> Classifier:
     return Classifier(variables, module.apply, shape)
 
 
-def load_purifier(directory: str, config: PurifyConfig | None = None, **options) -> Purifier:
-    """A Purifier from a score checkpoint; `options` are PurifyConfig fields (t_star, grad, ...)."""
+def load_purifier(
+    directory: str, config: PurifyConfig | DDPMConfig | None = None, **options
+) -> Purifier | DDPMPurifier:
+    """The purifier of a score checkpoint: a `Purifier` (VP-SDE), or a `ddpm.DDPMPurifier` when
+    config.json's parameterization is "ddpm_eps" (DiffPure's CelebA-HQ DDPM).
+
+    `options` are fields of `config` (default PurifyConfig(), e.g. t_star, dt, grad). For a
+    DDPM checkpoint, `config` may be a DDPMConfig (options are its fields), or a PurifyConfig
+    (the command line's) or None: then a PurifyConfig with `options` applied is converted by
+    `DDPMConfig.from_purify_config` (its t_star, grad, checkpoints, input_size and score_dtype;
+    `dt` must be the schedule's fixed step 1/T, 1e-3, and is otherwise ignored; solver fields
+    other than their defaults are refused). With config None and only DDPMConfig fields in
+    `options`, the DDPMConfig defaults apply (t_star 0.5, DiffPure's CelebA-HQ)."""
+    if read_config(directory, "score").get("parameterization") == DDPM_PARAMETERIZATION:
+        return _load_ddpm_purifier(directory, config, options)
+    if isinstance(config, DDPMConfig):
+        raise CheckpointError(
+            f"{os.path.join(directory, CONFIG_FILE)}: a VP-SDE score model, not a DDPM "
+            "checkpoint; purify it with a PurifyConfig, not a DDPMConfig."
+        )
     config = dataclasses.replace(config or PurifyConfig(), **options)
     return Purifier(load_score_model(directory), config)
+
+
+def _load_ddpm_purifier(directory: str, config, options: dict) -> DDPMPurifier:
+    saved, module, variables, shape = _module_and_variables(directory, "score")
+    path = os.path.join(directory, CONFIG_FILE)
+    try:
+        schedule = DDPMSchedule.from_config(saved.get("ddpm", {}))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: field 'ddpm' is invalid ({first_line(e)}); {_FIX}."
+        ) from None
+    ddpm_fields = {f.name for f in dataclasses.fields(DDPMConfig)}
+    if isinstance(config, DDPMConfig):
+        config = dataclasses.replace(config, **options)
+    elif config is None and set(options) <= ddpm_fields:
+        config = DDPMConfig(**options)
+    else:
+        config = dataclasses.replace(config or PurifyConfig(), **options)
+        config = DDPMConfig.from_purify_config(config, schedule.num_timesteps)
+    return DDPMPurifier(variables, module.apply, schedule, shape, config)

@@ -24,10 +24,14 @@ Gradient modes (`PurifyConfig.grad`), named the same everywhere in the project:
   classifier alone at x: attack the classifier, then purify).
 
 Gradients are taken with respect to the input only, never the network parameters.
+
+DiffPure's CelebA-HQ path (DDPM ancestral steps, not an SDE solve) is `ddpm.DDPMPurifier`,
+behind the same interface (`AbstractPurifier`).
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import logging
@@ -43,6 +47,7 @@ from equinox.internal import unvmap_max
 
 from . import noise
 from .attacks.base import eot_keys
+from .resize import resize_bilinear
 from .score import SCORE_DTYPES, ScoreFn, ScoreModel, with_score_dtype
 from .sde import VPSDE
 
@@ -83,6 +88,11 @@ class PurifyConfig:
         and the `adjoint` scan is unrolled. The values are the same (tests/test_purify.py);
         compile time grows with the step count, so it is meant for short solves (tens of steps).
         Its speed against the loop is measured in benchmarks/ (see benchmarks/README.md).
+      input_size: side of the square images the purifier takes and returns when it differs from
+        the score model's (DiffPure's ImageNet path: 224 around the 256 x 256 ADM). They are
+        resized bilinearly (`resize.resize_bilinear`, align_corners=False, no antialiasing) to
+        the score model's size before diffusion and back after the reverse solve, inside the
+        differentiated function. None: the score model's own size, no resizing.
     """
 
     t_star: float = 0.1
@@ -96,6 +106,7 @@ class PurifyConfig:
     checkpoints: int | None = None
     score_dtype: str = "float32"
     unroll: bool = False
+    input_size: int | None = None
 
     def __post_init__(self):
         if not 0.0 < self.t_star <= 1.0:
@@ -122,6 +133,10 @@ class PurifyConfig:
             )
         if self.forward_schedule not in ("discrete", "continuous"):
             raise ValueError("forward_schedule must be 'discrete' or 'continuous'.")
+        if self.input_size is not None and self.input_size < 1:
+            raise ValueError(
+                f"input_size must be a positive side in pixels, got {self.input_size}."
+            )
         if self.unroll and self.solver != "euler":
             raise ValueError("unroll=True supports solver 'euler' only.")
         if self.grad == "adjoint" and self.solver not in ("euler", "heun", "midpoint"):
@@ -354,6 +369,13 @@ def make_path(config: PurifyConfig, keys, image_shape, dtype=jnp.float32, ts=Non
     return noise.GridBrownianPath(ts, jnp.sqrt(ts[:-1] - ts[1:]), keys, tuple(image_shape), dtype)
 
 
+def input_shape(score: ScoreModel, config: PurifyConfig) -> tuple[int, int, int]:
+    """(H, W, C) of the images a purifier of `score` with `config` takes and returns."""
+    if config.input_size is None:
+        return tuple(score.image_shape)
+    return (config.input_size, config.input_size, score.image_shape[-1])
+
+
 def purify_with_keys(
     score: ScoreModel,
     config: PurifyConfig,
@@ -364,21 +386,23 @@ def purify_with_keys(
     """Purify x (N, H, W, C) in [0, 1] with one noise key per row (N,). Returns (N, H, W, C).
 
     reverse_keys (N,): other keys for the reverse SDE's noise only (default: keys), to draw
-    several reverse solves from the same diffused image x_t*."""
-    x = check_images(x, score.image_shape)
+    several reverse solves from the same diffused image x_t*. With `config.input_size`, x is
+    (N, input_size, input_size, C), resized to the score model's size and back."""
+    x = check_images(x, input_shape(score, config))
+    x_in = resize_bilinear(x, score.image_shape[:2])
     x_t = score.sde.diffuse(
-        2.0 * x - 1.0,
-        noise.forward_noise(keys, x.shape[1:], x.dtype),
+        2.0 * x_in - 1.0,
+        noise.forward_noise(keys, x_in.shape[1:], x.dtype),
         config.t_star,
         config.forward_schedule,
     )
     ts = jnp.asarray(config.time_grid(), x.dtype)
     path = make_path(
-        config, keys if reverse_keys is None else reverse_keys, x.shape[1:], x.dtype, ts
+        config, keys if reverse_keys is None else reverse_keys, x_in.shape[1:], x.dtype, ts
     )
     score_fn = with_score_dtype(score.score_fn, config.score_dtype)
     x_0 = reverse_solve(score.sde, score_fn, config, score.variables, x_t, ts, path)
-    out = (x_0 + 1.0) / 2.0
+    out = resize_bilinear((x_0 + 1.0) / 2.0, x.shape[1:3])
     if config.grad == "bpda":
         return x + jax.lax.stop_gradient(out - x)
     if config.grad == "blind":
@@ -442,7 +466,30 @@ def purify_eot(
     return out.reshape(n_draws, *x.shape)
 
 
-class Purifier(eqx.Module):
+class AbstractPurifier(eqx.Module):
+    """What `defense.DefendedClassifier` needs of a purifier (a pytree): `purifier(x, key,
+    index=None)`, `eot`, `replace` and a static `config` with a `grad` mode. Implemented by
+    `Purifier` (VP-SDE) and `ddpm.DDPMPurifier` (DDPM ancestral steps).
+
+    `config` is not declared here (an abstract field would come first in every subclass's
+    positional arguments): each subclass has it as its last field."""
+
+    @abc.abstractmethod
+    def __call__(self, x: jax.Array, key: jax.Array, index: jax.Array | None = None) -> jax.Array:
+        """x (B, H, W, C) in [0, 1]; key a PRNG key; index (B,) int dataset indices or None
+        (then arange(B)). Returns (B, H, W, C) purified images, about [0, 1] (not clipped)."""
+
+    @abc.abstractmethod
+    def eot(self, x: jax.Array, key: jax.Array, n_draws: int, index=None) -> jax.Array:
+        """(n_draws, B, H, W, C) purifications; draw d is `self(x, eot_keys(key, n_draws)[d],
+        index)`."""
+
+    @abc.abstractmethod
+    def replace(self, **config_changes: Any) -> AbstractPurifier:
+        """The same model with some config fields changed, e.g. `.replace(grad='bpda')`."""
+
+
+class Purifier(AbstractPurifier):
     """`purifier(x, key, index=None)`: a ScoreModel bound to a PurifyConfig (a pytree)."""
 
     score: ScoreModel

@@ -11,6 +11,13 @@ is done once its records are in that file. A rerun with the same flags skips the
 done; with different flags it refuses, and nothing computed is lost. The summary (JSON and
 Markdown) is derived from the records.
 
+Before a batch is written, every adversarial example is checked to lie inside the threat
+(`in_threat`). A record holds the example's label, clean and post-attack predictions, its score
+per protocol and the pixel norms `linf` and `l2` of x_adv - x. For a spatial threat (StAdv) the
+check is on the suite's sampling grid (bound, [-1, 1], and x_adv = grid_sample(x, grid)); the
+record adds `flow_linf` (the threat's own norm: Linf of grid - identity, normalised grid units)
+and `flow_smoothness` (`stadv.flow_norm`), and adv/ keeps the grid.
+
 Devices and hosts (`diffpure_jax.sharding`). Each batch is padded to a multiple of the local
 device count (copies of its first row, distinct negative dataset indices) and split over the
 local devices; the padding rows are dropped before anything is written. With several processes
@@ -36,6 +43,7 @@ import numpy as np
 
 from . import sharding
 from .attacks.base import Threat, bind_index, in_threat, lp_norm
+from .attacks.stadv import flow_linf, flow_norm
 from .attacks.suites import SuiteResult
 from .progress import progress_bar_or_none
 from .protocols import draw_predictions, parse_protocols, protocol_scores
@@ -218,7 +226,17 @@ def _run_batch(evaluation, protocols, model, xb, yb, real, key, workdir, b):
     clean_pred = np.asarray(clean_pred)[:n]
     attack_preds = {k: np.asarray(v)[:n] for k, v in attack_preds.items()}
     scores = {k: np.asarray(v)[:n] for k, v in scores.items()}
-    inside = np.asarray(in_threat(jnp.asarray(x_adv), jnp.asarray(x), evaluation.threat))
+    # A spatial threat (StAdv) bounds the sampling grid, so the check needs the suite's grid.
+    grid = None if result.grid is None else np.asarray(result.grid)[:n]
+    if evaluation.threat.spatial and grid is None:
+        raise RuntimeError(
+            f"the attack returned no sampling grid for the {evaluation.threat} threat, so its "
+            "examples cannot be checked; no records were written for this batch."
+        )
+    grid_j = None if grid is None else jnp.asarray(grid)
+    inside = np.asarray(
+        in_threat(jnp.asarray(x_adv), jnp.asarray(x), evaluation.threat, grid=grid_j)
+    )
     if not inside.all():
         bad = [int(i) for i in index[~inside]]
         raise RuntimeError(
@@ -226,9 +244,13 @@ def _run_batch(evaluation, protocols, model, xb, yb, real, key, workdir, b):
             "[0, 1]: the attack is broken; no records were written for this batch."
         )
     norms = {name: np.asarray(lp_norm(jnp.asarray(x_adv - x), name)) for name in ("Linf", "L2")}
+    if evaluation.threat.spatial:  # the threat's own norm (normalised grid units), smoothness
+        norms["flow_linf"] = np.asarray(flow_linf(grid_j))
+        norms["flow_smoothness"] = np.asarray(flow_norm(grid_j))
     path = os.path.join(workdir, "adv", f"batch_{b:05d}.npz")
     tmp = path + ".tmp.npz"
-    np.savez_compressed(tmp, index=index, x_adv=x_adv, y=y)
+    extra = {} if grid is None else {"grid": grid}
+    np.savez_compressed(tmp, index=index, x_adv=x_adv, y=y, **extra)
     os.replace(tmp, path)
     records = []
     for i in range(n):
@@ -246,6 +268,9 @@ def _run_batch(evaluation, protocols, model, xb, yb, real, key, workdir, b):
                 "batch": b,
             }
         )
+        for name in ("flow_linf", "flow_smoothness"):
+            if name in norms:
+                records[-1][name] = float(norms[name][i])
     return records
 
 
@@ -271,6 +296,11 @@ def summarize(records: list[dict]) -> dict:
         "accuracy_after_each_attack_one_draw": after,
         "max_linf": float(max(r["linf"] for r in records)),
         "max_l2": float(max(r["l2"] for r in records)),
+        **(
+            {"max_flow_linf": float(max(r["flow_linf"] for r in records))}
+            if "flow_linf" in records[0]
+            else {}
+        ),
     }
 
 

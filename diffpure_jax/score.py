@@ -33,6 +33,40 @@ def eps_continuous_score_fn(apply_fn: Callable, sde: VPSDE | None = None) -> Sco
     return score_fn
 
 
+def guided_diffusion_timesteps(t, n_discrete: int = 1000):
+    """The integer timestep DiffPure's guided-diffusion path feeds the network: floor(N t).
+
+    Computed as the official `(t.float() * N).long()` (float32 product, truncated): t = 1 - 0.85
+    in float32 is 0.14999998, which gives 149, not 150. t: () or (B,) in [0, 1] -> int32.
+    """
+    return jnp.floor(jnp.asarray(t, jnp.float32) * jnp.float32(n_discrete)).astype(jnp.int32)
+
+
+def guided_diffusion_score_fn(apply_fn: Callable, sde: VPSDE | None = None) -> ScoreFn:
+    """DiffPure's 'guided_diffusion' parameterisation (the ImageNet ADM, learned sigma).
+
+    The network gets the integer timestep floor(1000 t) (`guided_diffusion_timesteps`) and
+    returns 2C channels (eps, then the variance values); eps is the first C, and
+    score = -eps / sqrt(1 - alpha_bar(t)) with the continuous alpha_bar of the VP-SDE (not the
+    discrete one the network was trained on). `apply_fn(params, x, timesteps)`; x (B, H, W, C).
+
+    On the official float32 solver grid this reproduces DiffPure (tests/test_imagenet_purify.py).
+    On `PurifyConfig.time_grid` (t* - k dt in float64, then float32) the timesteps of a t* = 0.15
+    solve are the official ones at 148 of 150 steps: the first is 150 where the official
+    accumulated solver time gives 149.
+    """
+
+    sde = sde or VPSDE()
+
+    def score_fn(params, x, t):
+        t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
+        out = apply_fn(params, x, guided_diffusion_timesteps(t, sde.n_discrete))
+        eps = out[..., : x.shape[-1]]
+        return -eps / sde.std(t)[:, None, None, None]
+
+    return score_fn
+
+
 SCORE_DTYPES = ("float32", "bfloat16")
 
 # flax layers whose floating inputs are cast to the compute dtype in mixed precision. Casting the

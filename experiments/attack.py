@@ -31,29 +31,40 @@ from diffpure_jax import (
 )
 from diffpure_jax.attacks import suites
 from diffpure_jax.attacks.autoattack import ATTACKS, autoattack_config
-from diffpure_jax.attacks.base import NORMS, Threat
-from diffpure_jax.checkpoint import CheckpointError
-from diffpure_jax.data import DataNotFoundError, cifar10_test, fashion_mnist_test
+from diffpure_jax.attacks.base import THREATS, Threat
+from diffpure_jax.checkpoint import CheckpointError, read_config
+from diffpure_jax.data import (
+    DataNotFoundError,
+    celebahq_val,
+    cifar10_test,
+    fashion_mnist_test,
+    imagenet_val,
+)
 from diffpure_jax.load import check_checkpoint
 from diffpure_jax.protocols import parse_protocols
 from diffpure_jax.runner import Evaluation, markdown_table, run_evaluation
+from diffpure_jax.score import SCORE_DTYPES
 from diffpure_jax.workdir import changed_settings
 
-from .config import UsageError, field, identity, parse_fraction
+from .config import UsageError, field, identity, parse_fraction, run_dir
 
 
 class TestSet(NamedTuple):
     label: str  # "CIFAR-10"
-    load: Callable  # (n, seed, data_dir) -> (x (n, H, W, C) in [0, 1], y (n,), index (n,))
-    size: int  # images in the test set
+    # (n, seed, data_dir, **options) -> (x (n, H, W, C) in [0, 1], y (n,), index (n,))
+    load: Callable
+    size: int | None  # images in the test set (None: known once the local copy is read)
+    options: tuple[str, ...] = ()  # run fields passed to `load` by name (e.g. "attribute")
 
 
 # A new dataset adds one entry (and its loader in diffpure_jax.data).
 TEST_SETS: dict[str, TestSet] = {
     "cifar10": TestSet("CIFAR-10", cifar10_test, 10_000),
     "fashion_mnist": TestSet("Fashion-MNIST", fashion_mnist_test, 10_000),
+    "imagenet": TestSet("ImageNet validation", imagenet_val, 50_000),
+    "celebahq": TestSet("CelebA-HQ validation", celebahq_val, None, ("attribute",)),
 }
-ATTACK_NAMES = ("autoattack", "pgd-eot", "pgd-eot-final", "bpda-eot")
+ATTACK_NAMES = ("autoattack", "pgd-eot", "pgd-eot-final", "bpda-eot", "stadv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,11 +75,28 @@ class AttackRun:
     classifier: str = field("checkpoints/cifar10-wrn-28-10", help="classifier checkpoint")
     score: str | None = field("checkpoints/cifar10-ddpmpp-deep-cont", help="score checkpoint")
     defense: str = field("diffpure", choices=("diffpure", "none"))
-    norm: str = field("Linf", choices=NORMS)
+    norm: str = field(
+        "Linf",
+        choices=THREATS,
+        help="StAdv: the flow bound of --attack stadv, in normalised grid units (DiffPure: "
+        "--attack stadv --norm StAdv --eps 0.05)",
+    )
     eps: float = field(8 / 255, parse=parse_fraction, help="threat radius; 8/255 is accepted")
     t_star: float | None = field(0.1, help="diffusion time of the purifier")
     dt: float | None = field(1e-3, help="reverse step; must divide t*")
     grad: str | None = field("adjoint", choices=GRAD_MODES, help="gradient through the purifier")
+    input_size: int | None = field(
+        None,
+        identity="changed",
+        help="side of the classifier's images when the score model's differs (ImageNet: 224 "
+        "around the 256 ADM, resized bilinearly in and out)",
+    )
+    score_dtype: str = field(
+        "float32",
+        choices=SCORE_DTYPES,
+        identity="changed",
+        help="the score network's compute dtype (bfloat16: the official fp16 torso's analogue)",
+    )
     unroll: bool = field(
         False,
         identity=False,
@@ -80,12 +108,18 @@ class AttackRun:
         choices=ATTACK_NAMES,
         help="pgd-eot stops each example at its first success (a lucky draw can end it at a "
         "weak point); pgd-eot-final takes every step and is judged at the last iterate, the "
-        "point for worst_of_N / majority_of_N",
+        "point for worst_of_N / majority_of_N; stadv is DiffPure's StAdv (needs --norm StAdv)",
     )
     version: str = field("rand", choices=("standard", "rand", "custom"), help="AutoAttack")
     attacks: tuple[str, ...] | None = field(None, choices=ATTACKS, help="for --version custom")
     eot: int | None = field(None, help="EOT draws (none: the attack version's own)")
     n_iter: int | None = field(None, help="attack iterations (none: the attack's own)")
+    recheck: int | None = field(
+        None,
+        identity="changed",
+        help="draws re-checking each point an EOT attack broke (pgd-eot, bpda-eot; none: the "
+        "attack's own, 150 for bpda-eot)",
+    )
     n_queries: int = field(5000, help="Square queries")
     n_examples: int = field(512, help="test images, a seeded subset")
     data_seed: int = field(0, help="seed of the test subset")
@@ -113,15 +147,28 @@ class AttackRun:
             object.__setattr__(self, "grad", "bpda")
         if self.version == "custom" and not self.attacks:
             raise ValueError("--version custom needs --attacks, e.g. --attacks apgd-ce square")
+        if self.recheck is not None and self.attack not in ("pgd-eot", "pgd-eot-final", "bpda-eot"):
+            raise ValueError(
+                f"--recheck applies to pgd-eot, pgd-eot-final and bpda-eot, not {self.attack}"
+            )
+        if (self.attack == "stadv") != (self.norm == "StAdv"):
+            raise ValueError(
+                f"--attack {self.attack} with --norm {self.norm}: StAdv's flow threat goes with "
+                "its attack alone; pass --attack stadv --norm StAdv --eps 0.05 (DiffPure's bound)"
+            )
+        if self.norm == "StAdv" and not 0 < self.eps <= 2:
+            raise ValueError(
+                f"StAdv --eps is a grid offset in (0, 2] (grid in [-1, 1]): {self.eps:g}"
+            )
         if self.norm == "Linf" and not 0 < self.eps <= 1:
             raise ValueError(f"Linf --eps must be in (0, 1] (images are in [0, 1]): {self.eps:g}")
         if not self.eps > 0:
             raise ValueError(f"--eps must be positive, got {self.eps:g}")
-        size = TEST_SETS[self.dataset].size
+        size = TEST_SETS[self.dataset].size or self.n_examples
         if not 1 <= self.n_examples <= size:
             label = TEST_SETS[self.dataset].label
             raise ValueError(f"--n-examples must be in [1, {size}] ({label}): {self.n_examples}")
-        for name in ("batch_size", "n_queries", "eot", "n_iter"):
+        for name in ("batch_size", "n_queries", "eot", "n_iter", "recheck"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -134,15 +181,20 @@ class AttackRun:
         return Threat(self.norm, self.eps)
 
     def purify_config(self) -> PurifyConfig:
-        return PurifyConfig(t_star=self.t_star, dt=self.dt, grad=self.grad, unroll=self.unroll)
+        return PurifyConfig(
+            t_star=self.t_star, dt=self.dt, grad=self.grad, unroll=self.unroll,
+            input_size=self.input_size, score_dtype=self.score_dtype,
+        )  # fmt: skip
 
     def undefended(self, classifier: str, version: str) -> AttackRun:
         """The same threat and data against a deterministic classifier: no purifier settings,
-        no EOT, one draw is every draw."""
+        no EOT, one draw is every draw (AutoAttack `version`; StAdv for the StAdv threat)."""
+        stadv = self.norm == "StAdv"
         return dataclasses.replace(
-            self, defense="none", classifier=classifier, version=version, eot=None,
-            protocols=("one_draw",), attack="autoattack", grad=None, t_star=None, dt=None,
-            score=None,
+            self, defense="none", classifier=classifier, version=version,
+            eot=1 if stadv else None, protocols=("one_draw",),
+            attack="stadv" if stadv else "autoattack", grad=None, t_star=None, dt=None,
+            score=None, input_size=None, score_dtype="float32", recheck=None,
         )  # fmt: skip
 
     def suite(self):
@@ -164,8 +216,12 @@ class AttackRun:
             kwargs["n_eot"] = self.eot
         if self.n_iter is not None:
             kwargs["n_iter"] = self.n_iter
+        if self.recheck is not None:
+            kwargs["recheck_draws"] = self.recheck
         if self.attack == "bpda-eot":
             return suites.bpda_eot_suite(threat, **kwargs)
+        if self.attack == "stadv":
+            return suites.stadv_suite(threat, **kwargs)
         if self.attack == "pgd-eot-final":
             kwargs["stop_at_success"] = False
         return suites.pgd_suite(threat, self.attack, **kwargs)
@@ -173,9 +229,13 @@ class AttackRun:
 
 def load_data(run: AttackRun):
     """(x, y, index) of the run's test subset; a UsageError if the data is missing."""
+    test_set = TEST_SETS[run.dataset]
+    options = {name: getattr(run, name) for name in test_set.options}
     try:
-        return TEST_SETS[run.dataset].load(run.n_examples, run.data_seed, run.data_dir)
+        return test_set.load(run.n_examples, run.data_seed, run.data_dir, **options)
     except DataNotFoundError as e:
+        raise UsageError(str(e)) from None
+    except ValueError as e:  # e.g. more images asked for than the local copy holds
         raise UsageError(str(e)) from None
 
 
@@ -194,10 +254,13 @@ def check_inputs(rows: Sequence[tuple[AttackRun, str]]) -> None:
             check_checkpoint(path, kind)
         except CheckpointError as e:
             problems.append(str(e))
-    for run in dict.fromkeys((r.dataset, r.data_dir) for r, _ in rows):
+    for run, _ in rows:
+        if run.defense == "diffpure" and not problems:
+            problems.extend(_size_problems(run))
+    for run in {(r.dataset, r.data_dir): r for r, _ in rows}.values():
         try:
-            TEST_SETS[run[0]].load(1, 0, run[1])
-        except DataNotFoundError as e:
+            load_data(dataclasses.replace(run, n_examples=1, data_seed=0))
+        except UsageError as e:
             problems.append(str(e))
     for run, workdir in rows:
         parent = os.path.dirname(os.path.normpath(workdir))
@@ -213,13 +276,29 @@ def check_inputs(rows: Sequence[tuple[AttackRun, str]]) -> None:
         raise UsageError("\n".join(dict.fromkeys(problems)))
 
 
+def _size_problems(run: AttackRun) -> list[str]:
+    """Why the classifier cannot take the purifier's output (their image sizes), if it cannot."""
+    wanted = tuple(read_config(run.classifier, "classifier")["input_shape"])
+    score = tuple(read_config(run.score, "score")["input_shape"])
+    given = score if run.input_size is None else (run.input_size, run.input_size, score[-1])
+    if given == wanted:
+        return []
+    fix = (
+        f"pass --input-size {wanted[0]} (resized to the score model's {score[0]} and back)"
+        if wanted[0] == wanted[1] and wanted[-1] == score[-1]
+        else "use a classifier and a score model of the same image size"
+    )
+    return [
+        f"the classifier {run.classifier} takes {wanted[0]}x{wanted[1]}x{wanted[2]} images but the "
+        f"purifier returns {given[0]}x{given[1]}x{given[2]}: {fix}"
+    ]
+
+
 def load_model(run: AttackRun):
     """The classifier, purified when defense is diffpure (`check_inputs` first)."""
     classifier = load_classifier(run.classifier)
     if run.defense == "diffpure":
-        c = run.purify_config()
-        purifier = load_purifier(run.score, t_star=c.t_star, dt=c.dt, grad=c.grad, unroll=c.unroll)
-        return DefendedClassifier(purifier, classifier)
+        return DefendedClassifier(load_purifier(run.score, run.purify_config()), classifier)
     return undefended(classifier)
 
 
@@ -253,3 +332,14 @@ def report(summary: dict, workdir: str) -> None:
 def initialize(run: AttackRun) -> None:
     """jax.distributed for a multi-process run (a no-op for one process)."""
     sharding.initialize_distributed(run.coordinator, run.num_processes, run.process_id)
+
+
+def run_single(run: AttackRun, after_batch=None) -> dict:
+    """A dataset entry point's whole job for one config: check every input, then run (or
+    resume) the evaluation into `run.workdir/<diffpure|undefended>-<hash>` and print its table."""
+    workdir = run_dir(run.workdir, "diffpure" if run.defense == "diffpure" else "undefended", run)
+    check_inputs([(run, workdir)])
+    initialize(run)
+    summary = evaluate(run, workdir, after_batch=after_batch)
+    report(summary, workdir)
+    return summary

@@ -20,7 +20,7 @@ depend on the number of devices or processes.
 from __future__ import annotations
 
 from experiments import attack
-from experiments.config import cli_main, parse_config, run_dir
+from experiments.config import cli_main, parse_config
 from experiments.configs import cifar_autoattack as config_module
 
 
@@ -34,13 +34,7 @@ def get_run(argv=None) -> attack.AttackRun:
 
 @cli_main
 def main(argv=None, after_batch=None) -> dict:
-    run = get_run(argv)
-    workdir = run_dir(run.workdir, "diffpure" if run.defense == "diffpure" else "undefended", run)
-    attack.check_inputs([(run, workdir)])
-    attack.initialize(run)
-    summary = attack.evaluate(run, workdir, after_batch=after_batch)
-    attack.report(summary, workdir)
-    return summary
+    return attack.run_single(get_run(argv), after_batch)
 
 
 if __name__ == "__main__":

@@ -72,10 +72,16 @@ def field(
     help: str | None = None,
     choices: Sequence[Any] | None = None,
     parse: Callable[[str], Any] | None = None,
-    identity: bool = True,
+    identity: bool | str = True,
     cli: bool = True,
 ) -> Any:
-    """A config dataclass field with its command-line metadata."""
+    """A config dataclass field with its command-line metadata.
+
+    identity: True (the field changes results: it is part of the run's identity), False (it
+    does not: workdir, progress, ...), or "changed" (part of the identity only when it differs
+    from its default: a field added later leaves the identity, and so the run directory, of
+    the runs that do not use it unchanged).
+    """
     metadata = {"help": help, "choices": choices, "parse": parse, "identity": identity, "cli": cli}
     return dataclasses.field(default=default, metadata=metadata)
 
@@ -104,7 +110,10 @@ def identity(config: Any) -> dict:
     field holding a dataclass (e.g. a library's training config) is stored as a dict of it."""
     out = {}
     for f in dataclasses.fields(config):
-        if f.metadata.get("identity", True):
+        mode = f.metadata.get("identity", True)
+        if mode == "changed" and getattr(config, f.name) == f.default:
+            continue
+        if mode:
             value = getattr(config, f.name)
             if dataclasses.is_dataclass(value):
                 value = identity(value)

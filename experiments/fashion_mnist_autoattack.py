@@ -35,14 +35,17 @@ def describe(run: attack.AttackRun) -> tuple[str, str]:
     """(model, 'attack, gradient') columns of a row."""
     classifier = os.path.basename(os.path.normpath(run.classifier))  # e.g. fmnist-wrn-16-1-pgd
     if run.defense == "none":
-        return classifier, f"AutoAttack {run.version}"
+        return classifier, "StAdv" if run.attack == "stadv" else f"AutoAttack {run.version}"
     name = {
         "autoattack": f"AutoAttack {run.version}",
         "pgd-eot": "PGD-EOT",
         "pgd-eot-final": "PGD-EOT (final iterate)",
         "bpda-eot": "BPDA+EOT",
+        "stadv": "StAdv",
     }
     eot = f", EOT {run.eot}" if run.eot and run.attack != "bpda-eot" else ""
+    if run.attack == "stadv" and not run.eot:
+        eot = ", EOT 20"  # the attack's own
     model = f"DiffPure (t*={run.t_star}, dt={run.dt:g}) + {classifier}"
     return model, f"{name[run.attack]}{eot}, {run.grad}"
 

@@ -5,7 +5,12 @@ import dataclasses
 import pytest
 from helpers import refusal
 
-from experiments import cifar_autoattack, fashion_mnist_autoattack
+from experiments import (
+    celebahq_autoattack,
+    cifar_autoattack,
+    fashion_mnist_autoattack,
+    imagenet_autoattack,
+)
 from experiments.attack import AttackRun
 from experiments.config import identity, run_dir
 from experiments.configs import fashion_mnist_autoattack as fmnist
@@ -48,6 +53,55 @@ def test_identity_and_workdir_name():
     assert run_dir("w", "diffpure", other) != run_dir("w", "diffpure", run)
     assert {"workdir", "progress", "unroll", "data_dir"}.isdisjoint(identity(run))
     assert identity(run)["protocols"] == ["one_draw"]  # JSON values, as stored
+
+
+def test_fields_recorded_only_when_changed_keep_old_run_directories():
+    run = cifar_autoattack.get_run([])
+    # input_size and score_dtype came later: at their defaults they are not in the identity,
+    # so the runs made before them keep their directories.
+    assert {"input_size", "score_dtype"}.isdisjoint(identity(run))
+    bf16 = cifar_autoattack.get_run(["--score-dtype", "bfloat16"])
+    assert identity(bf16)["score_dtype"] == "bfloat16"
+    assert run_dir("w", "diffpure", bf16) != run_dir("w", "diffpure", run)
+
+
+def test_imagenet_config_is_the_papers():
+    run = imagenet_autoattack.get_run([])
+    assert (run.dataset, run.norm, run.eps, run.t_star, run.dt) == (
+        "imagenet", "Linf", 0.0157, 0.15, 1e-3,
+    )  # fmt: skip
+    assert (run.grad, run.attack, run.version, run.n_examples) == (
+        "adjoint", "autoattack", "rand", 512,
+    )  # fmt: skip
+    assert (run.classifier, run.input_size) == ("checkpoints/imagenet-resnet50", 224)
+    assert run.purify_config().input_size == 224 and run.purify_config().n_steps == 150
+    deit = imagenet_autoattack.get_run(["--config", "deit-s", "--grad", "exact"])
+    assert (deit.classifier, deit.grad) == ("checkpoints/imagenet-deit-s", "exact")
+    assert imagenet_autoattack.get_run(["--config", "wrn-50-2"]).classifier.endswith("wrn-50-2")
+    assert identity(deit)["input_size"] == 224
+
+
+def test_celebahq_config_is_the_papers():
+    run = celebahq_autoattack.get_run([])
+    assert (run.dataset, run.attribute, run.classifier) == (
+        "celebahq", "Eyeglasses", "checkpoints/celebahq-eyeglasses",
+    )  # fmt: skip
+    assert (run.t_star, run.grad, run.attack, run.eps) == (0.5, "bpda", "bpda-eot", 0.062745098)
+    assert (run.eot, run.recheck, run.n_examples) == (15, 20, 512)
+    smiling = celebahq_autoattack.get_run(["--attribute", "Smiling", "--grad", "exact"])
+    assert (smiling.classifier, smiling.grad) == ("checkpoints/celebahq-smiling", "bpda")
+    exact = celebahq_autoattack.get_run(["--grad", "exact", "--attack", "pgd-eot-final"])
+    assert (exact.grad, exact.attack, exact.recheck) == ("exact", "pgd-eot-final", 20)
+    assert identity(exact)["attribute"] == "Eyeglasses"
+
+
+def test_stadv_is_its_own_threat_and_attack(capsys):
+    run = cifar_autoattack.get_run(["--norm", "StAdv"])
+    assert (run.attack, run.eps, run.t_star) == ("stadv", 0.05, 0.125)
+    assert "--attack stadv --norm StAdv" in refusal(
+        capsys, cifar_autoattack.get_run, ["--attack", "stadv"]
+    )
+    assert "--recheck applies to" in refusal(capsys, cifar_autoattack.get_run, ["--recheck", "5"])
 
 
 def test_bad_values_are_refused_before_any_work(capsys):

@@ -109,7 +109,7 @@ def test_edited_score_architecture_lists_the_mismatching_keys(tmp_path):
     [
         (lambda c: c["kwargs"].update(depth=11), "'kwargs'", "6n+4"),
         (lambda c: c["kwargs"].update(dropout=0.1), "'kwargs'", "unexpected keyword argument"),
-        (lambda c: c.update(architecture="resnet"), "'architecture'", "unknown architecture"),
+        (lambda c: c.update(architecture="alexnet"), "'architecture'", "unknown architecture"),
         (lambda c: c.pop("input_shape"), "'input_shape'", "missing"),
         (lambda c: c.update(kind="scorer"), "'kind'", "'scorer'"),
         (lambda c: c.update(kwargs=[10, 1]), "'kwargs'", "[10, 1]"),
@@ -133,7 +133,15 @@ def test_missing_checkpoint_says_how_to_get_one(tmp_path):
     message = _one_short_line(e)
     assert message.startswith(f"no classifier checkpoint at {missing!r} (does not exist)")
     assert f"python -m diffpure_jax.convert robustbench-wrn Standard.pt {missing}" in message
-    assert "python -m experiments.train_classifier" in message
+    # A directory not named after an official checkpoint: the generic advice of its kind.
+    other = str(tmp_path / "mine")
+    with pytest.raises(CheckpointNotFoundError) as e:
+        load_classifier(other)
+    message = _one_short_line(e)
+    assert "python -m experiments.train_classifier" in message and "robustbench-wrn" in message
+    with pytest.raises(CheckpointNotFoundError) as e:
+        load_score_model(str(tmp_path / "imagenet-adm-256-uncond"))
+    assert "convert guided-diffusion 256x256_diffusion_uncond.pt" in _one_short_line(e)
     assert "checkpoints/README.md" in message and "score" not in message
 
     with pytest.raises(CheckpointNotFoundError) as e:

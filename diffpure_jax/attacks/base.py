@@ -19,22 +19,32 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-NORMS = ("Linf", "L2", "L1")
+NORMS = ("Linf", "L2", "L1")  # Lp threats: a ball around x
+SPATIAL = ("StAdv",)  # threats on a sampling grid (`attacks.stadv`), not on x_adv - x
+THREATS = NORMS + SPATIAL
 LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
 class Threat:
-    """An Lp ball of radius eps around the clean image, intersected with [0, 1]^d."""
+    """An Lp ball of radius eps around the clean image, intersected with [0, 1]^d; or, norm
+    "StAdv" (`spatial`), StAdv's flow threat: x_adv = `stadv.grid_sample(x, grid)`, the sampling
+    grid (B, H, W, 2) inside [-1, 1] and within eps (Linf, normalised grid units; DiffPure: 0.05)
+    of the identity. A spatial threat is checked on its grid (`in_threat(..., grid=)`)."""
 
     norm: str = "Linf"
     eps: float = 8 / 255
 
     def __post_init__(self):
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.norm not in THREATS:
+            raise ValueError(f"norm must be one of {THREATS}, got {self.norm!r}")
         if not self.eps >= 0:
             raise ValueError(f"eps must be >= 0, got {self.eps}")
+
+    @property
+    def spatial(self) -> bool:
+        """True for a threat on a sampling grid (StAdv), False for an Lp ball."""
+        return self.norm in SPATIAL
 
 
 class AttackResult(NamedTuple):
@@ -106,6 +116,8 @@ def project(x_adv: jax.Array, x: jax.Array, threat: Threat) -> jax.Array:
     Linf and L1: the exact Euclidean projection onto the intersection. L2: projection onto the
     ball, then the box (what the reference attacks do; the result is inside both sets).
     """
+    if threat.spatial:
+        raise ValueError(f"{threat} bounds a sampling grid: project it with stadv.project_flow")
     delta = x_adv - x
     if threat.norm == "Linf":
         delta = jnp.clip(delta, -threat.eps, threat.eps)
@@ -117,8 +129,20 @@ def project(x_adv: jax.Array, x: jax.Array, threat: Threat) -> jax.Array:
     return jnp.clip(x + delta, 0.0, 1.0)
 
 
-def in_threat(x_adv: jax.Array, x: jax.Array, threat: Threat, tol: float = 1e-5) -> jax.Array:
-    """(B,) bool: x_adv is inside the eps ball around x (up to tol) and inside [0, 1]."""
+def in_threat(
+    x_adv: jax.Array, x: jax.Array, threat: Threat, tol: float = 1e-5, grid: jax.Array | None = None
+) -> jax.Array:
+    """(B,) bool: x_adv is inside the eps ball around x (up to tol) and inside [0, 1].
+
+    A spatial threat (StAdv) needs the attack's sampling grid (B, H, W, 2): then x_adv must be
+    in [0, 1] and `grid_sample(x, grid)`, and the grid in [-1, 1] and within eps of the identity
+    (`stadv.in_flow_threat`). grid is ignored for an Lp threat."""
+    if threat.spatial:
+        if grid is None:
+            raise ValueError(f"{threat} is checked on the attack's sampling grid: pass grid=")
+        from .stadv import in_flow_threat  # stadv imports this module
+
+        return in_flow_threat(x_adv, x, grid, threat.eps, tol)
     inside_box = jnp.all((x_adv >= -tol) & (x_adv <= 1 + tol), axis=tuple(range(1, x.ndim)))
     return inside_box & (lp_norm(x_adv - x, threat.norm) <= threat.eps * (1 + tol) + tol)
 

@@ -17,17 +17,21 @@ import jax.numpy as jnp
 from .autoattack import AutoAttackConfig, autoattack
 from .base import Threat
 from .pgd import bpda_eot, pgd
+from .stadv import stadv
 
 
 class SuiteResult(NamedTuple):
     """x_adv: (B, H, W, C) in [0, 1], inside the threat; attack_preds: {attack name: (B,) int}
     the prediction of one draw after each attack (cumulative); robust: (B,) bool, robust under
-    the suite's own check (the `one_draw` protocol); clean_pred: (B,) int, one clean draw."""
+    the suite's own check (the `one_draw` protocol); clean_pred: (B,) int, one clean draw;
+    grid: (B, H, W, 2) the sampling grid of a spatial threat (StAdv: x_adv is `grid_sample(x,
+    grid)`, and the runner checks the grid's bound), None for an Lp threat."""
 
     x_adv: jax.Array
     attack_preds: dict[str, jax.Array]
     robust: jax.Array
     clean_pred: jax.Array
+    grid: jax.Array | None = None
 
 
 def autoattack_suite(threat: Threat, config: AutoAttackConfig):
@@ -67,3 +71,21 @@ def bpda_eot_suite(threat: Threat, name: str = "bpda-eot", **overrides):
     """A suite running DiffPure's BPDA+EOT (`pgd.bpda_eot`, its settings with `overrides`), as
     `pgd_suite` runs PGD. The model must be the defense in `grad="bpda"` mode."""
     return _pgd_family_suite(bpda_eot, threat, name, overrides)
+
+
+def stadv_suite(threat: Threat, name: str = "stadv", **stadv_kwargs):
+    """A suite running DiffPure's StAdv (`stadv.stadv`, bound `threat.eps`, with `stadv_kwargs`)
+    on the points classified right at one clean draw; its one-draw check at the last iterate is
+    `one_draw`. Returns the grid with x_adv, for the runner's threat check. threat: StAdv."""
+    if threat.norm != "StAdv":
+        raise ValueError(f"stadv_suite attacks the StAdv threat, got {threat}")
+
+    def attack(model, x, y, key):
+        k_clean, k_attack, k_check = jax.random.split(key, 3)
+        clean_pred = jnp.argmax(model(x, k_clean), -1)
+        active = clean_pred == y
+        r = stadv(model, x, y, k_attack, bound=threat.eps, active=active, **stadv_kwargs)
+        pred_after = jnp.argmax(model(r.x_adv, k_check), -1)
+        return SuiteResult(r.x_adv, {name: pred_after}, active & ~r.fooled, clean_pred, r.grid)
+
+    return attack

@@ -1,6 +1,6 @@
-"""Convert the official CIFAR-10 WideResNet classifier checkpoints (PyTorch) to Flax.
+"""Convert the official classifier checkpoints (PyTorch) that DiffPure uses to Flax.
 
-Variants (how DiffPure / RobustBench load each file):
+Variants (how DiffPure / RobustBench / torchvision / torch.hub load each file):
 
 * 'robustbench-wrn': RobustBench 'Standard' WRN-28-10 (`cifar10-wideresnet-28-10`);
   `ckpt['state_dict']` if present, else `ckpt`; 'module.' and 'model.' prefixes removed.
@@ -8,9 +8,25 @@ Variants (how DiffPure / RobustBench load each file):
   a plain state_dict with a 'module.' prefix.
 * 'robustbench-dm-wrn': RobustBench DMWideResNet-70-16 (`cifar10-wideresnet-70-16`);
   `ckpt['model_state_dict']` with a 'module.0.' prefix.
+* 'torchvision-resnet50': torchvision `resnet50()` (`imagenet-resnet50`); a plain state_dict
+  (old files lack `num_batches_tracked`, which is ignored anyway).
+* 'torchvision-wide-resnet50-2': torchvision `wide_resnet50_2()` (`imagenet-wideresnet-50-2`);
+  a plain state_dict.
+* 'deit-s': facebookresearch/deit `deit_small_patch16_224` (`imagenet-deit-s`), a timm 0.5.4
+  ViT; `ckpt['model']`.
+* 'celebahq-attribute': a gan-ensembling CelebA-HQ attribute classifier (`celebahq__<Attr>`,
+  `pretrained/celebahq/<Attr>/net_best.pth`); `ckpt['state_dict']` of its
+  {'state_dict', 'optimizer', 'epoch', 'valacc'} (the `lod_in` buffer is ignored).
 
-Depth, width and num_classes can be read from the file (`infer_architecture`); the command line
-does so (`infer=True`), explicit options win. drop_rate and normalize are not stored in a file.
+The CIFAR models take 32x32 inputs; the ImageNet ones 224x224 unless `image_size` (ResNets) or
+`img_size` (ViT) says otherwise, and normalize with the ImageNet mean/std inside. The attribute
+net takes `input_size` (256) and box-downsamples it to its `resolution`. The sizes can
+be read from the file (`infer_architecture`: WRN depth, width, num_classes; ResNet layers,
+planes, width_per_group, stem_channels, num_classes; ViT embed_dim, depth, patch_size, img_size,
+mlp_ratio, num_classes; attribute net resolution, num_channels, fmap_base, fmap_max,
+use_mbstd); the command line does so (`infer=True`), explicit options win.
+drop_rate, normalize, a ResNet's image_size, a ViT's num_heads and the attribute net's
+input_size are not stored in a file.
 """
 
 from __future__ import annotations
@@ -39,8 +55,17 @@ from .common import (
     to_numpy_state_dict,
 )
 
-INPUT_SHAPE = (32, 32, 3)
+INPUT_SHAPE = (32, 32, 3)  # the CIFAR variants'; the ImageNet ones' comes from their kwargs
 _IGNORE = ("*num_batches_tracked",)
+_IMAGENET_RESNET50 = {
+    "layers": [3, 4, 6, 3],
+    "planes": [64, 128, 256, 512],
+    "width_per_group": 64,
+    "stem_channels": 64,
+    "num_classes": 1000,
+    "image_size": 224,
+    "normalize": True,
+}
 
 # variant -> (architecture name for models.build_model, default kwargs, ignored key patterns)
 VARIANTS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
@@ -59,7 +84,42 @@ VARIANTS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
         {"depth": 70, "width": 16, "num_classes": 10},
         _IGNORE,
     ),
+    "torchvision-resnet50": ("resnet", _IMAGENET_RESNET50, _IGNORE),
+    "torchvision-wide-resnet50-2": (
+        "resnet",
+        {**_IMAGENET_RESNET50, "width_per_group": 128},
+        _IGNORE,
+    ),
+    "deit-s": (
+        "vit",
+        {
+            "img_size": 224,
+            "patch_size": 16,
+            "embed_dim": 384,
+            "depth": 12,
+            "num_heads": 6,
+            "mlp_ratio": 4.0,
+            "num_classes": 1000,
+            "normalize": True,
+        },
+        (),
+    ),
+    "celebahq-attribute": (
+        "attribute_net",
+        {
+            "resolution": 256,
+            "num_channels": 3,
+            "fmap_base": 8192,
+            "fmap_decay": 1.0,
+            "fmap_max": 512,
+            "use_mbstd": False,
+            "input_size": 256,
+        },
+        ("lod_in",),  # blends progressive-growing inputs; unused with fixed_size=True
+    ),
 }
+# architecture -> the kwarg giving the (square) input size; others take INPUT_SHAPE
+_SIZE_OPTION = {"resnet": "image_size", "vit": "img_size", "attribute_net": "input_size"}
 
 
 def _variant(variant: str) -> tuple[str, dict, tuple[str, ...]]:
@@ -108,7 +168,7 @@ def classifier_state_dict(obj: Any, variant: str) -> dict[str, np.ndarray]:
         sd = strip_prefix(strip_prefix(sd, "module."), "model.")
     elif variant == "diffpure-wrn-dropout":
         sd = strip_prefix(_require_state_dict(obj, variant, "the checkpoint"), "module.")
-    else:  # robustbench-dm-wrn
+    elif variant == "robustbench-dm-wrn":
         if not isinstance(obj, Mapping) or "model_state_dict" not in obj:
             raise ConversionError(
                 f"variant {variant!r} expects a dict with a 'model_state_dict' entry; the file "
@@ -116,6 +176,22 @@ def classifier_state_dict(obj: Any, variant: str) -> dict[str, np.ndarray]:
             )
         sd = _require_state_dict(obj["model_state_dict"], variant, "ckpt['model_state_dict']")
         sd = strip_prefix(sd, "module.0.")
+    elif variant == "deit-s":
+        if not isinstance(obj, Mapping) or not isinstance(obj.get("model"), Mapping):
+            raise ConversionError(
+                f"variant {variant!r} expects a dict with a 'model' entry (the deit release's "
+                f"{{'model': state_dict}}); the file has {_top_level(obj)}."
+            )
+        sd = _require_state_dict(obj["model"], variant, "ckpt['model']")
+    elif variant == "celebahq-attribute":
+        if not isinstance(obj, Mapping) or not isinstance(obj.get("state_dict"), Mapping):
+            raise ConversionError(
+                f"variant {variant!r} expects gan-ensembling's dict with a 'state_dict' entry "
+                f"(and 'optimizer', 'epoch', 'valacc'); the file has {_top_level(obj)}."
+            )
+        sd = _require_state_dict(obj["state_dict"], variant, "ckpt['state_dict']")
+    else:  # torchvision: a plain state_dict, loaded as is
+        sd = _require_state_dict(obj, variant, "the checkpoint")
     return to_numpy_state_dict(sd)
 
 
@@ -124,10 +200,18 @@ def _ignored(keys: Iterable[str], patterns: Iterable[str]) -> set[str]:
     return {k for k in keys if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
 
 
+def input_shape(architecture: str, kwargs: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(H, W, C) of the images the classifier `architecture` with `kwargs` takes."""
+    if architecture in _SIZE_OPTION:
+        size = kwargs[_SIZE_OPTION[architecture]]
+        return (size, size, kwargs.get("num_channels", 3))
+    return INPUT_SHAPE
+
+
 def _abstract_variables(architecture: str, kwargs: dict, shown: dict | None = None) -> Any:
     def build():
         module = models.build_model(architecture, kwargs)
-        x = jax.ShapeDtypeStruct((1, *INPUT_SHAPE), jnp.float32)
+        x = jax.ShapeDtypeStruct((1, *input_shape(architecture, kwargs)), jnp.float32)
         return jax.eval_shape(module.init, jax.random.key(0), x)
 
     return model_template(build, kwargs, shown)
@@ -153,11 +237,108 @@ _LAYOUT = {
 }
 
 
+def _shape(state_dict: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in getattr(state_dict.get(key), "shape", ()))
+
+
+def _count(state_dict: Mapping[str, Any], block: str) -> int:
+    """How many blocks `{block}.0`, `{block}.1`, ... the keys name."""
+    pattern = re.compile(re.escape(block) + r"\.(\d+)\.")
+    return len({m.group(1) for k in state_dict if (m := pattern.match(k))})
+
+
+def _infer_resnet(state_dict: Mapping[str, Any]) -> dict:
+    """torchvision ResNet: blocks per stage, planes (each stage's conv3 outputs / 4),
+    width_per_group (layer1's 3x3 width * 64 / planes), stem channels, num_classes."""
+    out: dict[str, Any] = {}
+    layers = [_count(state_dict, f"layer{s}") for s in (1, 2, 3, 4)]
+    if all(layers):
+        out["layers"] = layers
+    outs = [_shape(state_dict, f"layer{s}.0.conv3.weight") for s in (1, 2, 3, 4)]
+    if all(len(o) == 4 and o[0] % 4 == 0 for o in outs):
+        out["planes"] = [o[0] // 4 for o in outs]
+        width = _shape(state_dict, "layer1.0.conv2.weight")
+        if len(width) == 4 and (width[0] * 64) % out["planes"][0] == 0:
+            out["width_per_group"] = width[0] * 64 // out["planes"][0]
+    if len(stem := _shape(state_dict, "conv1.weight")) == 4:
+        out["stem_channels"] = stem[0]
+    if len(head := _shape(state_dict, "fc.weight")) == 2:
+        out["num_classes"] = head[0]
+    return out
+
+
+def _infer_vit(state_dict: Mapping[str, Any]) -> dict:
+    """timm ViT: embed_dim, depth, patch_size, img_size (from the number of position
+    embeddings), mlp_ratio and num_classes; num_heads is not in the shapes."""
+    out: dict[str, Any] = {}
+    if len(patch := _shape(state_dict, "patch_embed.proj.weight")) == 4:
+        out["embed_dim"], out["patch_size"] = patch[0], patch[2]
+        if len(pos := _shape(state_dict, "pos_embed")) == 3:
+            side = round((pos[1] - 1) ** 0.5)
+            if side * side == pos[1] - 1:
+                out["img_size"] = side * patch[2]
+        hidden = _shape(state_dict, "blocks.0.mlp.fc1.weight")
+        if len(hidden) == 2 and hidden[0] % patch[0] == 0:  # int(dim * ratio) stays exact
+            out["mlp_ratio"] = float(hidden[0] // patch[0])
+    if depth := _count(state_dict, "blocks"):
+        out["depth"] = depth
+    if len(head := _shape(state_dict, "head.weight")) == 2:
+        out["num_classes"] = head[0]
+    return out
+
+
+def _attribute_resolution(state_dict: Mapping[str, Any]) -> int | None:
+    """The official `max_res_from_state_dict`: R where '8x8.conv0', '16x16.conv0', ... up to
+    'RxR.conv0.conv.weight' are present (4 with none, if the 4x4 head is there)."""
+    side = 4
+    while f"{2 * side}x{2 * side}.conv0.conv.weight" in state_dict:
+        side *= 2
+    return side if side > 4 or "4x4.conv.conv.weight" in state_dict else None
+
+
+def _infer_attribute(state_dict: Mapping[str, Any]) -> dict:
+    """Attribute net (progressive-GAN D): resolution from the 'RxR.conv0' keys, num_channels,
+    use_mbstd, and fmap_base / fmap_max when one pair (with fmap_decay 1) gives every stage's
+    feature maps."""
+    out: dict[str, Any] = {}
+    if (resolution := _attribute_resolution(state_dict)) is None:
+        return out
+    out["resolution"] = resolution
+    log2 = resolution.bit_length() - 1
+    if len(rgb := _shape(state_dict, "fromrgb_lod0.conv.conv.weight")) == 4:
+        out["num_channels"] = rgb[1]
+    head = _shape(state_dict, "4x4.conv.conv.weight")
+    if len(head) == 4 and head[1] - head[0] in (0, 1):
+        out["use_mbstd"] = head[1] == head[0] + 1
+    # stage -> feature maps: fromrgb gives nf(log2 - 1), block 2^r's conv1 nf(r - 2), the head's
+    # conv nf(1) and dense0 nf(0)
+    keys = {log2 - 1: "fromrgb_lod0.conv.conv.weight", 1: "4x4.conv.conv.weight"}
+    keys.update({r - 2: f"{2**r}x{2**r}.conv1.conv.weight" for r in range(3, log2 + 1)})
+    keys[0] = "4x4.dense0.linear.weight"
+    nf = {s: shape[0] for s, k in keys.items() if (shape := _shape(state_dict, k))}
+    if len(nf) == log2:
+        base, largest = nf[log2 - 1] * 2 ** (log2 - 1), max(nf.values())
+        default_max = VARIANTS["celebahq-attribute"][1]["fmap_max"]
+        for fmap_max in (default_max, largest):
+            if all(min(base // 2**s, fmap_max) == n for s, n in nf.items()):
+                out["fmap_base"], out["fmap_max"] = base, fmap_max
+                break
+    return out
+
+
 def infer_architecture(variant: str, state_dict: Mapping[str, Any]) -> dict:
-    """The sizes a bare state_dict's key names and shapes give for `variant`: depth (6n+4 with n
-    blocks in each of the 3 groups), the width (the first block's channels / 16) and num_classes.
-    Sizes it cannot read unambiguously are left out."""
-    block, groups, first_conv, width_option, head = _LAYOUT[_variant(variant)[0]]
+    """The sizes a bare state_dict's key names and shapes give for `variant`. WideResNets: depth
+    (6n+4 with n blocks in each of the 3 groups), the width (the first block's channels / 16)
+    and num_classes; ResNets and ViTs: see `_infer_resnet`, `_infer_vit`; the attribute net:
+    `_infer_attribute`. Sizes it cannot read unambiguously are left out."""
+    architecture = _variant(variant)[0]
+    if architecture == "attribute_net":
+        return _infer_attribute(state_dict)
+    if architecture == "resnet":
+        return _infer_resnet(state_dict)
+    if architecture == "vit":
+        return _infer_vit(state_dict)
+    block, groups, first_conv, width_option, head = _LAYOUT[architecture]
     out: dict[str, Any] = {}
     counts = set()
     for g in groups:
@@ -219,7 +400,7 @@ def convert_classifier(
         "kind": "classifier",
         "architecture": architecture,
         "kwargs": kwargs,
-        "input_shape": list(INPUT_SHAPE),
+        "input_shape": list(input_shape(architecture, kwargs)),
         "source": {"file": os.path.basename(src), "variant": variant},
     }
     if inferred:

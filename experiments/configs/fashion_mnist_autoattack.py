@@ -10,7 +10,8 @@ Words of `--config` (comma-separated; one study, one protocol size):
   (experiments/results/fashion_mnist.md): `undefended` (the two classifiers at full AutoAttack
   strength), `adjoint`, `exact` (AutoAttack rand), `pgd`, `pgd-final`, `bpda` and `sweep`
   (PGD-EOT at the final iterate for t* in 0.05, 0.1, 0.2, 0.3, each with the same number of
-  reverse steps);
+  reverse steps) and `unseen` (the paper's unseen-threat study: DiffPure with exact gradients
+  and the PGD-trained classifier under the norm word's threat, `Linf`, `L2` or `StAdv`);
 * the size: `reduced` (default, sized for a 2-core CPU) or `full` (the paper-size protocol).
 """
 
@@ -77,6 +78,15 @@ def _study(name: str, full: bool) -> dict:
         # full: DiffPure's own BPDA+EOT settings (attacks.pgd.bpda_eot)
         size = dict(eot=None, n_iter=None) if full else dict(eot=4, n_iter=20)
         return dict(one, dt=pgd["dt"], **size, attack="bpda-eot")
+    if name == "unseen":
+        # The paper's unseen-threat study: one defense (DiffPure + the standard classifier,
+        # exact gradients) and the PGD(Linf)-trained classifier, each under the norm word's
+        # threat (Linf, L2 or StAdv). AutoAttack rand on DiffPure (its own EOT), standard on
+        # the adversarially trained net; StAdv for the StAdv threat.
+        return dict(
+            rows=("adv-trained", "diffpure"), **n, **diff, grad="exact", protocols=STRICT,
+            workdir="workdir/fmnist_unseen",
+        )  # fmt: skip
     if name == "sweep":
         return dict(
             one, eot=20 if full else 2, n_iter=200 if full else 10, attack="pgd-eot-final",
@@ -86,13 +96,16 @@ def _study(name: str, full: bool) -> dict:
     raise AssertionError(name)
 
 
-STUDIES = ("main", "undefended", "adjoint", "exact", "pgd", "pgd-final", "bpda", "sweep")
-NORMS = {"Linf": (0.1, 0.1), "L2": (1.5, 0.1), "L1": (10.0, 0.1)}  # norm -> (eps, t*)
+STUDIES = (
+    "main", "undefended", "adjoint", "exact", "pgd", "pgd-final", "bpda", "sweep", "unseen",
+)  # fmt: skip
+# norm -> (eps, t*); StAdv: DiffPure's flow bound 0.05 (0.7 px on a 28-pixel side), its attack.
+NORMS = {"Linf": (0.1, 0.1), "L2": (1.5, 0.1), "L1": (10.0, 0.1), "StAdv": (0.05, 0.1)}
 
 
 def get_config(arg: str = "") -> FashionMnistStudy:
-    """a study (main, undefended, adjoint, exact, pgd, pgd-final, bpda, sweep), reduced or full,
-    and a norm (Linf, L2, L1); default main,reduced,Linf."""
+    """a study (main, undefended, adjoint, exact, pgd, pgd-final, bpda, sweep, unseen), reduced
+    or full, and a norm (Linf, L2, L1, StAdv); default main,reduced,Linf."""
     words = config_words(arg, (*STUDIES, "reduced", "full", *NORMS))
     study = ([w for w in words if w in STUDIES] or ["main"])[-1]
     norm = ([w for w in words if w in NORMS] or ["Linf"])[-1]
@@ -102,6 +115,7 @@ def get_config(arg: str = "") -> FashionMnistStudy:
         classifier="checkpoints/fmnist-wrn-16-1",
         score="checkpoints/fmnist-ncsnpp-small",
         norm=norm,
+        attack="stadv" if norm == "StAdv" else "autoattack",
         eps=eps,
         t_star=t_star,
         dt=1e-2,
