@@ -7,15 +7,19 @@ logits = defended(x, key)                      # x: (B, 32, 32, 3) in [0, 1]
 """
 
 from .classifier import Classifier
+from .ddpm import DDPMConfig, DDPMPurifier
 from .defense import DefendedClassifier, undefended
 from .load import load_classifier, load_purifier, load_score_model
-from .purify import GRAD_MODES, Purifier, PurifyConfig, purify, purify_eot
+from .purify import GRAD_MODES, AbstractPurifier, Purifier, PurifyConfig, purify, purify_eot
 from .score import ScoreModel
 from .sde import VPSDE
 
 __all__ = [
     "GRAD_MODES",
+    "AbstractPurifier",
     "Classifier",
+    "DDPMConfig",
+    "DDPMPurifier",
     "DefendedClassifier",
     "Purifier",
     "PurifyConfig",

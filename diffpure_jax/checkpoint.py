@@ -52,6 +52,7 @@ OFFICIAL = {
     "imagenet-wrn-50-2": ("torchvision-wide-resnet50-2", "wide_resnet50_2-95faca4d.pth"),
     "imagenet-deit-s": ("deit-s", "deit_small_patch16_224-cd65a155.pth"),
     "celebahq-eyeglasses": ("celebahq-attribute", "net_best.pth"),
+    "celebahq-smiling": ("celebahq-attribute", "net_best.pth"),
 }
 
 

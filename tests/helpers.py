@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from PIL import Image
 
 from diffpure_jax import VPSDE, ScoreModel
 from diffpure_jax.attacks.base import Threat
@@ -196,3 +197,28 @@ def refusal(capsys, main, argv, max_lines: int = 4) -> str:
     assert err.startswith("error: ") and "Traceback" not in err, err
     assert len(err.splitlines()) <= max_lines, err
     return err
+
+
+CELEBA_NAMES = ["Eyeglasses", "Male", "Smiling"]
+
+
+def make_celebahq(root, n=12, size=64):
+    """n images named like CelebA's (000001.png, ...), a third of them in val, written out of
+    order; attributes: Eyeglasses on every third, Smiling on even numbers."""
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows, parts = [], []
+    for k in reversed(range(n)):
+        name = f"{k + 1:06d}"
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+            root / "images" / f"{name}.png"
+        )
+    for k in range(n):
+        values = [1 if k % 3 == 0 else -1, -1, 1 if k % 2 == 0 else -1]
+        rows.append(f"{k + 1:06d}.jpg " + " ".join(f"{v:2d}" for v in values))
+        parts.append(f"{k + 1:06d}.jpg {1 if k % 3 == 1 else 0}")
+    (root / "list_attr_celeba.txt").write_text(
+        f"{n}\n" + " ".join(CELEBA_NAMES) + "\n" + "\n".join(rows)
+    )
+    (root / "list_eval_partition.txt").write_text("\n".join(parts) + "\n")
+    return root

@@ -3,7 +3,7 @@ and partition lists): labels, partitions, the seeded subset and DiffPure's own p
 
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import make_celebahq
 
 from diffpure_jax.data import (
     CelebAHQ,
@@ -11,28 +11,6 @@ from diffpure_jax.data import (
     celebahq_paper_indices,
     celebahq_val,
 )
-
-NAMES = ["Eyeglasses", "Male", "Smiling"]
-
-
-def make_celebahq(root, n=12, size=64):
-    """n images named like CelebA's (000001.png, ...), a third of them in val, written out of
-    order; attributes: Eyeglasses on every third, Smiling on even numbers."""
-    (root / "images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    rows, parts = [], []
-    for k in reversed(range(n)):
-        name = f"{k + 1:06d}"
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
-            root / "images" / f"{name}.png"
-        )
-    for k in range(n):
-        values = [1 if k % 3 == 0 else -1, -1, 1 if k % 2 == 0 else -1]
-        rows.append(f"{k + 1:06d}.jpg " + " ".join(f"{v:2d}" for v in values))
-        parts.append(f"{k + 1:06d}.jpg {1 if k % 3 == 1 else 0}")
-    (root / "list_attr_celeba.txt").write_text(f"{n}\n" + " ".join(NAMES) + "\n" + "\n".join(rows))
-    (root / "list_eval_partition.txt").write_text("\n".join(parts) + "\n")
-    return root
 
 
 def test_labels_partitions_and_images(tmp_path):
