@@ -30,7 +30,7 @@ from diffpure_jax import (
     undefended,
 )
 from diffpure_jax.attacks import suites
-from diffpure_jax.attacks.autoattack import ATTACKS, autoattack_config
+from diffpure_jax.attacks.autoattack import ATTACKS, LIU_PROTOCOLS, VERSIONS, autoattack_config
 from diffpure_jax.attacks.base import THREATS, Threat
 from diffpure_jax.checkpoint import CheckpointError, read_config
 from diffpure_jax.data import (
@@ -110,9 +110,21 @@ class AttackRun:
         "weak point); pgd-eot-final takes every step and is judged at the last iterate, the "
         "point for worst_of_N / majority_of_N; stadv is DiffPure's StAdv (needs --norm StAdv)",
     )
-    version: str = field("rand", choices=("standard", "rand", "custom"), help="AutoAttack")
+    version: str = field(
+        "rand",
+        choices=VERSIONS,
+        help="AutoAttack; liu: Liu et al.'s protocol as DiffBreak quotes it (APGD-CE, 20 "
+        "iterations, EOT 10; with --grad exact), judged over 20 final draws (sets --protocols "
+        "to one_draw worst_of_20 majority_of_20 average_of_20 unless others are given)",
+    )
     attacks: tuple[str, ...] | None = field(None, choices=ATTACKS, help="for --version custom")
     eot: int | None = field(None, help="EOT draws (none: the attack version's own)")
+    eot_chunk: int | None = field(
+        None,
+        identity=False,
+        help="EOT draws per vmapped call, their gradients summed (none: all at once); bounds "
+        "the memory of large-EOT attacks, same results",
+    )
     n_iter: int | None = field(None, help="attack iterations (none: the attack's own)")
     recheck: int | None = field(
         None,
@@ -145,6 +157,13 @@ class AttackRun:
                     file=sys.stderr,
                 )
             object.__setattr__(self, "grad", "bpda")
+        liu = self.attack == "autoattack" and self.version == "liu"
+        if liu and self.protocols == ("one_draw",):  # the default: the preset's own protocols
+            print(
+                f"note: --version liu is judged with --protocols {' '.join(LIU_PROTOCOLS)}",
+                file=sys.stderr,
+            )
+            object.__setattr__(self, "protocols", LIU_PROTOCOLS)
         if self.version == "custom" and not self.attacks:
             raise ValueError("--version custom needs --attacks, e.g. --attacks apgd-ce square")
         if self.recheck is not None and self.attack not in ("pgd-eot", "pgd-eot-final", "bpda-eot"):
@@ -168,7 +187,7 @@ class AttackRun:
         if not 1 <= self.n_examples <= size:
             label = TEST_SETS[self.dataset].label
             raise ValueError(f"--n-examples must be in [1, {size}] ({label}): {self.n_examples}")
-        for name in ("batch_size", "n_queries", "eot", "n_iter", "recheck"):
+        for name in ("batch_size", "n_queries", "eot", "eot_chunk", "n_iter", "recheck"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -204,6 +223,8 @@ class AttackRun:
             overrides = {"n_queries": self.n_queries}
             if self.eot is not None:
                 overrides["n_eot"] = self.eot
+            if self.eot_chunk is not None:
+                overrides["eot_chunk"] = self.eot_chunk
             if self.n_iter is not None:
                 overrides["n_iter"] = self.n_iter
             if self.version == "custom":
@@ -214,6 +235,8 @@ class AttackRun:
         kwargs = {}
         if self.eot is not None:
             kwargs["n_eot"] = self.eot
+        if self.eot_chunk is not None:
+            kwargs["eot_chunk"] = self.eot_chunk
         if self.n_iter is not None:
             kwargs["n_iter"] = self.n_iter
         if self.recheck is not None:

@@ -45,6 +45,9 @@ $RUN "exact,$SIZE"
 $RUN "pgd,$SIZE"
 $RUN "pgd-final,$SIZE"
 $RUN "bpda,$SIZE"
+# Unseen threats (the paper's Table 5 study): DiffPure with exact gradients and the PGD(Linf)-
+# trained classifier, each under Linf, L2 and StAdv.
+for threat in Linf L2 StAdv; do $RUN "unseen,$SIZE,$threat"; done
 # t* sweep: PGD-EOT (final iterate) with exact gradients, the same number of reverse steps at
 # every t* (so every point costs the same).
 $RUN "sweep,$SIZE"

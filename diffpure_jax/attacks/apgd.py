@@ -16,7 +16,8 @@ One run (`_single_run`) on a batch x (B, H, W, C) in [0, 1]:
   the first step; P = `base.project` (ball, then [0, 1]); eta starts at 2 eps.
   L1 (no momentum, as ref): s = sign(g) on the coordinates with the largest |g| (fraction
   `topk`, initially 0.2), x_{k+1} = x + P(x_k + eta s / ||s||_1 - x); eta starts at eps.
-* Loss, gradient and logits at each iterate: the mean over n_eot draws (`base.eot_value_and_grad`).
+* Loss, gradient and logits at each iterate: the mean over n_eot draws (`base.eot_value_and_grad`;
+  `eot_chunk` draws per vmapped call bound its memory without changing the result).
 * Best loss point (x_best, its gradient, loss_best) updated where the loss strictly increased.
   Best adversarial point: wherever the iterate is misclassified, x_best_adv := iterate (the start
   point included), and the example counts as found.
@@ -67,7 +68,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import losses as _losses
-from .base import AttackResult, LogitsFn, Threat, eot_value_and_grad, project, project_l1_box
+from .base import (
+    AttackResult,
+    LogitsFn,
+    Threat,
+    check_eot_chunk,
+    eot_value_and_grad,
+    project,
+    project_l1_box,
+)
 
 LOSSES = ("ce", "dlr", "dlr-targeted")
 
@@ -122,13 +131,19 @@ class _Config:
     momentum: float
     use_largereps: bool
     n_targets: int  # > 0: APGD-T over the n_targets runner-up classes of the clean pass
+    eot_chunk: int | None = None  # draws per vmapped EOT call (None: all n_eot at once)
 
     @classmethod
-    def of(cls, threat, n_iter, n_restarts, n_eot, rho, momentum, use_largereps, n_targets):
-        """The static config of a call, every value cast to its Python type (hashable)."""
+    def of(
+        cls, threat, n_iter, n_restarts, n_eot, rho, momentum, use_largereps, n_targets,
+        eot_chunk=None,
+    ):  # fmt: skip
+        """The static config of a call, every value cast to its Python type (hashable); an
+        eot_chunk covering every draw is None (the same program as no chunking)."""
         return cls(
             threat.norm, float(threat.eps), int(n_iter), int(n_restarts), int(n_eot),
             float(rho), float(momentum), bool(use_largereps), int(n_targets),
+            check_eot_chunk(eot_chunk, int(n_eot)),
         )  # fmt: skip
 
 
@@ -198,7 +213,7 @@ def _single_run(
             z = logits_fn(xx, kk)
             return _loss(loss_id, z, y, y_t), z
 
-        return eot_value_and_grad(loss_fn, xa, k, cfg.n_eot)
+        return eot_value_and_grad(loss_fn, xa, k, cfg.n_eot, cfg.eot_chunk)
 
     def wrong(logits):
         return jnp.argmax(logits, axis=1) != y
@@ -384,7 +399,7 @@ def _attack(logits_fn, x, y, key, active, y_target, loss_id, cfg: _Config):
     return jax.lax.fori_loop(0, n_runs, body, (x, fooled))
 
 
-def _validate(x, y, threat, n_iter, n_restarts, n_eot, use_largereps, active):
+def _validate(x, y, threat, n_iter, n_restarts, n_eot, use_largereps, active, eot_chunk=None):
     if not isinstance(threat, Threat):
         raise TypeError(f"threat must be a base.Threat, got {type(threat).__name__}")
     if x.ndim < 2 or y.shape != x.shape[:1]:
@@ -392,6 +407,7 @@ def _validate(x, y, threat, n_iter, n_restarts, n_eot, use_largereps, active):
     for name, v in (("n_iter", n_iter), ("n_restarts", n_restarts), ("n_eot", n_eot)):
         if int(v) != v or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v}")
+    check_eot_chunk(eot_chunk, 1)  # raises unless None or a positive int
     if use_largereps:
         if threat.norm != "L1":
             raise ValueError("use_largereps is the L1 schedule (ref asserts norm == 'L1')")
@@ -420,6 +436,7 @@ def apgd(
     y_target: jax.Array | None = None,
     active: jax.Array | None = None,
     use_largereps: bool = False,
+    eot_chunk: int | None = None,
 ) -> AttackResult:
     """Untargeted APGD (ref `APGDAttack.perturb`), Linf, L2 or L1.
 
@@ -431,6 +448,8 @@ def apgd(
       loss: "ce", "dlr" or "dlr-targeted" (then y_target (B,) int is required).
       n_iter: iterations per run; n_restarts: runs (each on the examples not yet fooled).
       n_eot: draws averaged per loss/gradient/logits evaluation (`base.eot_value_and_grad`).
+      eot_chunk: draws per vmapped call (None: all n_eot at once); memory of eot_chunk draws,
+        the same result up to float32 summation order.
       rho: the checkpoint threshold of condition (1); momentum: the ref's alpha = 0.75, the
         weight of the new step (1 - momentum on the previous displacement); Linf/L2 only.
       active: (B,) bool; inactive examples come back as x with fooled = False.
@@ -441,7 +460,7 @@ def apgd(
       docstring for exactly what `fooled` means.
     """
     y = jnp.asarray(y).astype(jnp.int32)
-    active = _validate(x, y, threat, n_iter, n_restarts, n_eot, use_largereps, active)
+    active = _validate(x, y, threat, n_iter, n_restarts, n_eot, use_largereps, active, eot_chunk)
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if loss == "dlr-targeted":
@@ -454,7 +473,7 @@ def apgd(
         raise ValueError(f"y_target is only used by loss 'dlr-targeted', not {loss!r}")
     else:
         y_target = y
-    cfg = _Config.of(threat, n_iter, n_restarts, n_eot, rho, momentum, use_largereps, 0)
+    cfg = _Config.of(threat, n_iter, n_restarts, n_eot, rho, momentum, use_largereps, 0, eot_chunk)
     loss_id = jnp.int32(LOSSES.index(loss))
     x_adv, fooled = _attack(logits_fn, x, y, key, active, y_target, loss_id, cfg)
     return AttackResult(x_adv, fooled)
@@ -475,6 +494,7 @@ def apgd_targeted(
     momentum: float = 0.75,
     active: jax.Array | None = None,
     use_largereps: bool = False,
+    eot_chunk: int | None = None,
 ) -> AttackResult:
     """APGD-T (ref `APGDAttack_targeted.perturb`): APGD on the targeted DLR loss, for each of
     the 2nd..(n_target_classes + 1)-th largest clean logits in turn (n_restarts runs each), each
@@ -483,12 +503,13 @@ def apgd_targeted(
     and K >= 4 are required.
     """
     y = jnp.asarray(y).astype(jnp.int32)
-    active = _validate(x, y, threat, n_iter, n_restarts, n_eot, use_largereps, active)
+    active = _validate(x, y, threat, n_iter, n_restarts, n_eot, use_largereps, active, eot_chunk)
     if int(n_target_classes) != n_target_classes or n_target_classes < 1:
         raise ValueError(f"n_target_classes must be a positive int, got {n_target_classes}")
     cfg = _Config.of(
-        threat, n_iter, n_restarts, n_eot, rho, momentum, use_largereps, n_target_classes
-    )
+        threat, n_iter, n_restarts, n_eot, rho, momentum, use_largereps, n_target_classes,
+        eot_chunk,
+    )  # fmt: skip
     loss_id = jnp.int32(LOSSES.index("dlr-targeted"))
     x_adv, fooled = _attack(logits_fn, x, y, key, active, y, loss_id, cfg)
     return AttackResult(x_adv, fooled)

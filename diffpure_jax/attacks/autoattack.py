@@ -5,7 +5,17 @@ Versions:
   iterations, 1 restart each. For L1, as the reference: APGD-CE (5 restarts) and APGD-T (5
   targets), both with the large-eps schedule.
 * `rand` (for random defenses): APGD-CE and APGD-DLR, EOT over 20 draws, 1 restart each.
+* `liu`: the protocol of Liu et al. (ICLR 2025, "Towards Understanding the Robustness of
+  Diffusion-Based Purification: A Stochastic Perspective") as DiffBreak (Kassis et al.) quotes
+  it: 20 iterations, EOT over 10 draws, robustness judged over 20 final draws. Here APGD-CE
+  alone (1 restart), to be given the exact gradient (`grad="exact"`) and judged with
+  `LIU_PROTOCOLS` (the CLI's `--version liu` sets them). Liu et al.'s own script runs PGD
+  (20 steps of 2/255, EOT 10, no random start) and their patched AutoAttack averages 20 draws;
+  which attacks DiffBreak ran under this protocol could not be checked, hence APGD-CE only.
 * `custom`: any list of the attacks in ATTACKS with the settings given.
+
+`eot_chunk` (any version) runs the EOT draws that many per vmapped call, accumulating their
+gradients (`base.eot_value_and_grad`): the memory of eot_chunk draws, the same result.
 
 As in the reference, each attack runs only on the points still robust. Afterwards its
 adversarial points are re-checked with one fresh forward pass of the model, which is one draw of
@@ -27,13 +37,15 @@ import jax
 import jax.numpy as jnp
 
 from .apgd import apgd, apgd_targeted
-from .base import Threat
+from .base import Threat, check_eot_chunk
 from .checks import check_randomized, check_range_output
 from .fab import fab
 from .square import square
 
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
-VERSIONS = ("standard", "rand", "custom")
+VERSIONS = ("standard", "rand", "liu", "custom")
+# How the `liu` version's final points are judged (`diffpure_jax.protocols`): 20 draws each.
+LIU_PROTOCOLS = ("one_draw", "worst_of_20", "majority_of_20", "average_of_20")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +53,9 @@ class AutoAttackConfig:
     """Which attacks run, in order, and their settings (defaults: the reference's).
 
     n_restarts applies to APGD-CE and APGD-DLR; the targeted attacks run one restart per target
-    and Square one run, as in the reference."""
+    and Square one run, as in the reference. eot_chunk: EOT draws per vmapped call of the APGD
+    attacks (None: all n_eot at once); it bounds memory and does not change results (up to
+    float32 summation order)."""
 
     attacks: tuple[str, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")
     n_iter: int = 100
@@ -52,11 +66,13 @@ class AutoAttackConfig:
     use_largereps: bool = False
     # The reference never places a square on the last row/column; True is the stronger variant.
     square_cover_edges: bool = False
+    eot_chunk: int | None = None
 
     def __post_init__(self):
         unknown = [a for a in self.attacks if a not in ATTACKS]
         if unknown or not self.attacks:
             raise ValueError(f"unknown or no attacks {unknown}; choose from {ATTACKS}")
+        check_eot_chunk(self.eot_chunk, 1)  # raises unless None or a positive int
 
 
 def autoattack_config(
@@ -73,6 +89,8 @@ def autoattack_config(
             base = AutoAttackConfig()
     elif version == "rand":
         base = AutoAttackConfig(attacks=("apgd-ce", "apgd-dlr"), n_eot=20)
+    elif version == "liu":
+        base = AutoAttackConfig(attacks=("apgd-ce",), n_iter=20, n_eot=10)
     elif version == "custom":
         if "attacks" not in overrides:
             raise ValueError("version 'custom' needs attacks=(...), e.g. ('apgd-ce', 'square')")
@@ -109,6 +127,7 @@ def run_attack(name, logits_fn, x, y, key, threat: Threat, config: AutoAttackCon
             n_iter=config.n_iter,
             n_restarts=config.n_restarts,
             n_eot=config.n_eot,
+            eot_chunk=config.eot_chunk,
             use_largereps=config.use_largereps,
             **common,
         )
@@ -121,6 +140,7 @@ def run_attack(name, logits_fn, x, y, key, threat: Threat, config: AutoAttackCon
             n_target_classes=config.n_target_classes,
             n_iter=config.n_iter,
             n_eot=config.n_eot,
+            eot_chunk=config.eot_chunk,
             use_largereps=config.use_largereps,
             **common,
         )

@@ -155,11 +155,50 @@ def eot_keys(key: jax.Array, n_draws: int) -> jax.Array:
     return jax.random.split(key, n_draws)
 
 
-def eot_logits(logits_fn: LogitsFn, x: jax.Array, key: jax.Array, n_draws: int) -> jax.Array:
-    """(n_draws, B, K) logits of n_draws draws (`eot_keys`), one batched (vmapped) call."""
+def check_eot_chunk(chunk: int | None, n_draws: int) -> int | None:
+    """The chunk size to use for n_draws draws: None (one vmapped call) when chunk is None or
+    covers every draw. Raises ValueError unless chunk is None or a positive int."""
+    if chunk is None:
+        return None
+    if isinstance(chunk, bool) or int(chunk) != chunk or chunk < 1:
+        raise ValueError(
+            f"eot_chunk must be a positive int (EOT draws per vmapped call) or None, got {chunk!r}"
+        )
+    return None if chunk >= n_draws else int(chunk)
+
+
+def _split_chunks(keys: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """(n // chunk, chunk, ...) keys of the full chunks, in draw order, and the (n % chunk, ...)
+    keys of the remainder chunk."""
+    n_full = keys.shape[0] // chunk
+    full = keys[: n_full * chunk].reshape(n_full, chunk, *keys.shape[1:])
+    return full, keys[n_full * chunk :]
+
+
+def eot_logits(
+    logits_fn: LogitsFn, x: jax.Array, key: jax.Array, n_draws: int, chunk: int | None = None
+) -> jax.Array:
+    """(n_draws, B, K) logits of n_draws draws (`eot_keys`), one batched (vmapped) call or chunks.
+
+    chunk: None (or >= n_draws): one vmapped call of all draws. Else the draws go `chunk` at a
+    time (one vmapped call each, a `lax.map` over the chunks, the last chunk holding the
+    remainder), and each chunk is rematerialised (`jax.checkpoint`) when differentiated: only
+    one chunk's activations are live at once, in the forward pass and in a gradient through
+    this function (at the price of a second forward pass per chunk in the gradient). Draw d is
+    `eot_keys(key, n_draws)[d]` either way, so the logits equal the unchunked ones."""
+    chunk = check_eot_chunk(chunk, n_draws)
     if n_draws == 1:
         return logits_fn(x, key)[None]
-    return jax.vmap(lambda k: logits_fn(x, k))(eot_keys(key, n_draws))
+    keys = eot_keys(key, n_draws)
+    if chunk is None:
+        return jax.vmap(lambda k: logits_fn(x, k))(keys)
+    draws = jax.checkpoint(jax.vmap(lambda k: logits_fn(x, k)))
+    full, rest = _split_chunks(keys, chunk)
+    logits = jax.lax.map(draws, full)
+    logits = logits.reshape(-1, *logits.shape[2:])
+    if rest.shape[0]:
+        logits = jnp.concatenate([logits, draws(rest)])
+    return logits
 
 
 def eot_value_and_grad(
@@ -167,12 +206,21 @@ def eot_value_and_grad(
     x: jax.Array,
     key: jax.Array,
     n_eot: int = 1,
+    chunk: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-example loss, its gradient in x and the logits, averaged over n_eot random draws.
 
     loss_fn(x, key) -> (loss (B,), logits (B, K)). The draws are one batched (vmapped) call.
     Returns (loss (B,), grad (B, H, W, C), logits (B, K)), each the mean over draws.
+
+    chunk: None (or >= n_eot): one vmapped call of all draws. Else the draws go `chunk` at a
+    time, one vmapped call each, in a `lax.scan` over the chunks that accumulates the sums of
+    loss, gradient and logits (the last chunk holds the remainder when chunk does not divide
+    n_eot), so only one chunk's activations and gradients are live at once: memory of `chunk`
+    draws, any n_eot. Draw d is `eot_keys(key, n_eot)[d]` either way, so the result equals the
+    unchunked one up to float32 summation order.
     """
+    chunk = check_eot_chunk(chunk, n_eot)
 
     def one(k):
         def total(x):
@@ -185,8 +233,25 @@ def eot_value_and_grad(
     if n_eot == 1:
         loss, grad, logits = one(key)
         return loss, grad, logits
-    loss, grad, logits = jax.vmap(one)(eot_keys(key, n_eot))
-    return loss.mean(0), grad.mean(0), logits.mean(0)
+    keys = eot_keys(key, n_eot)
+    if chunk is None:
+        loss, grad, logits = jax.vmap(one)(keys)
+        return loss.mean(0), grad.mean(0), logits.mean(0)
+
+    def chunk_sums(ks):
+        return jax.tree.map(lambda v: v.sum(0), jax.vmap(one)(ks))
+
+    def body(sums, ks):
+        return jax.tree.map(jnp.add, sums, chunk_sums(ks)), None
+
+    full, rest = _split_chunks(keys, chunk)
+    sums = chunk_sums(full[0])
+    if full.shape[0] > 1:
+        sums, _ = jax.lax.scan(body, sums, full[1:])
+    if rest.shape[0]:
+        sums = jax.tree.map(jnp.add, sums, chunk_sums(rest))
+    loss, grad, logits = (v / n_eot for v in sums)
+    return loss, grad, logits
 
 
 class IndexedModel(eqx.Module):

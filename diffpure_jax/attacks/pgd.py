@@ -19,7 +19,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .base import AttackResult, Threat, eot_logits, project
+from .base import AttackResult, Threat, check_eot_chunk, eot_logits, project
 from .losses import cross_entropy
 
 
@@ -33,11 +33,12 @@ def _direction(grad, norm):
 
 @eqx.filter_jit
 def _pgd(
-    logits_fn, x, y, key, active, threat, n_iter, step_size, n_eot, average, start, recheck, stop
-):
+    logits_fn, x, y, key, active, threat, n_iter, step_size, n_eot, average, start, recheck, stop,
+    chunk,
+):  # fmt: skip
     def value_and_grad(x_cur, k):
         def total(xc):
-            logits = eot_logits(logits_fn, xc, k, n_eot)
+            logits = eot_logits(logits_fn, xc, k, n_eot, chunk)
             mean_logits = logits.mean(0)
             if average == "logits":
                 loss = cross_entropy(mean_logits, y)
@@ -53,7 +54,7 @@ def _pgd(
             return candidate
 
         def confirm():
-            logits = eot_logits(logits_fn, x_cur, k, recheck).mean(0)
+            logits = eot_logits(logits_fn, x_cur, k, recheck, chunk).mean(0)
             return jnp.argmax(logits, -1) != y
 
         confirmed = jax.lax.cond(jnp.any(candidate), confirm, lambda: jnp.zeros_like(candidate))
@@ -90,7 +91,7 @@ def _pgd(
     else:  # every step for every example; judged at the last iterate only
         x_cur, x_best, broken = jax.lax.fori_loop(0, n_iter, final_step, x_adv), x, broken0
     k_last = jax.random.fold_in(k_loop, n_iter)
-    mean_logits = eot_logits(logits_fn, x_cur, k_last, n_eot).mean(0)
+    mean_logits = eot_logits(logits_fn, x_cur, k_last, n_eot, chunk).mean(0)
     newly = check(x_cur, mean_logits, broken, jax.random.fold_in(k_last, 1))
     broken = broken | newly
     x_best = jnp.where(newly[:, None, None, None], x_cur, x_best)
@@ -113,6 +114,7 @@ def pgd(
     recheck_draws: int = 0,
     stop_at_success: bool = True,
     active: jax.Array | None = None,
+    eot_chunk: int | None = None,
 ) -> AttackResult:
     """Projected gradient ascent on the cross-entropy, with EOT over `n_eot` draws per step.
 
@@ -132,6 +134,9 @@ def pgd(
         is the last iterate and fooled is the check there alone: the point to give protocols
         that vote or take the worst of many draws.
       active: (B,) bool, examples to attack (default all); the others are returned unchanged.
+      eot_chunk: draws per vmapped call, for the step's EOT and the re-check draws alike (None:
+        all at once; `base.eot_logits`): memory of eot_chunk draws in the gradient too, the same
+        result up to float32 summation order.
     Returns: AttackResult(x_adv, fooled), as set by stop_at_success.
     """
     if threat.norm not in ("Linf", "L2"):
@@ -140,6 +145,8 @@ def pgd(
         raise ValueError(f"average must be 'loss' or 'logits', got {average!r}")
     active = jnp.ones(x.shape[0], bool) if active is None else jnp.asarray(active, bool)
     step = threat.eps / 4 if step_size is None else step_size
+    # Raises unless None or a positive int; None when one chunk holds every draw of a call.
+    eot_chunk = check_eot_chunk(eot_chunk, max(n_eot, recheck_draws))
     x_adv, fooled = _pgd(
         logits_fn,
         x,
@@ -154,6 +161,7 @@ def pgd(
         random_start,
         recheck_draws,
         stop_at_success,
+        eot_chunk,
     )
     return AttackResult(x_adv, fooled)
 
