@@ -40,7 +40,8 @@ from diffpure_jax.data import (
     fashion_mnist_test,
     imagenet_val,
 )
-from diffpure_jax.load import check_checkpoint
+from diffpure_jax.ddpm import DDPMConfig
+from diffpure_jax.load import DDPM_PARAMETERIZATION, check_checkpoint
 from diffpure_jax.protocols import parse_protocols
 from diffpure_jax.runner import Evaluation, markdown_table, run_evaluation
 from diffpure_jax.score import SCORE_DTYPES
@@ -300,9 +301,17 @@ def check_inputs(rows: Sequence[tuple[AttackRun, str]]) -> None:
 
 
 def _size_problems(run: AttackRun) -> list[str]:
-    """Why the classifier cannot take the purifier's output (their image sizes), if it cannot."""
+    """Why the purifier's settings do not fit its checkpoint (a DDPM chain's), or the classifier
+    cannot take the purifier's output (their image sizes), if so."""
+    saved = read_config(run.score, "score")
+    if saved.get("parameterization") == DDPM_PARAMETERIZATION:
+        steps = saved.get("ddpm", {}).get("num_timesteps", 1000)
+        try:
+            DDPMConfig.from_purify_config(run.purify_config(), steps)
+        except ValueError as e:
+            return [f"{run.score} is a DDPM chain: {e}"]
     wanted = tuple(read_config(run.classifier, "classifier")["input_shape"])
-    score = tuple(read_config(run.score, "score")["input_shape"])
+    score = tuple(saved["input_shape"])
     given = score if run.input_size is None else (run.input_size, run.input_size, score[-1])
     if given == wanted:
         return []

@@ -50,6 +50,12 @@ def test_missing_data_and_unknown_attribute(setup, tmp_path, capsys):
         capsys, celebahq_autoattack.main, [*argv, "--data-dir", data, "--attribute", "Glasses"]
     )
     assert "unknown CelebA attribute 'Glasses'" in message
+    message = refusal(
+        capsys, celebahq_autoattack.main,
+        [*argv, "--data-dir", data, "--grad", "adjoint", "--attack", "pgd-eot", "--n-examples",
+         "2"],
+    )  # fmt: skip
+    assert "is a DDPM chain: grad='adjoint' is the continuous adjoint of the VP-SDE" in message
 
 
 @pytest.mark.slow
