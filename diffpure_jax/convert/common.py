@@ -359,6 +359,39 @@ def model_template(
         ) from e
 
 
+def with_overrides(defaults: Mapping[str, Any], overrides: Mapping[str, Any], what: str) -> dict:
+    """`defaults` with `overrides`, tuples as lists (config.json values); an option `defaults`
+    does not have is a ConversionError naming the known ones (`what`: e.g. 'NCSN++')."""
+    unknown = set(overrides) - set(defaults)
+    if unknown:
+        raise ConversionError(
+            f"unknown {what} option(s) {sorted(unknown)}; known: {', '.join(defaults)}"
+        )
+    kwargs = {**defaults, **overrides}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+
+
+def score_template(
+    module_cls: Any, kwargs: Mapping[str, Any], channels: int, time_dtype, shown=None
+) -> Any:
+    """The abstract variables of the score network `module_cls(**kwargs)` (kwargs hold its
+    `image_size`) for (1, S, S, channels) images and a (1,) time of `time_dtype`; options that
+    make no model fail as a ConversionError naming `shown` (default: all kwargs)."""
+    import jax
+    import jax.numpy as jnp
+
+    def build():
+        size = kwargs["image_size"]
+        return jax.eval_shape(
+            module_cls(**kwargs).init,
+            jax.random.key(0),
+            jnp.zeros((1, size, size, channels)),
+            jnp.zeros((1,), time_dtype),
+        )
+
+    return model_template(build, kwargs, shown)
+
+
 def convert_state_dict(
     state_dict: Mapping[str, np.ndarray],
     abstract_variables: Any,

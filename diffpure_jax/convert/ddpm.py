@@ -19,7 +19,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -33,9 +32,10 @@ from .common import (
     expected_torch_shapes,
     format_arch,
     load_torch_file,
-    model_template,
+    score_template,
     strip_prefix,
     to_numpy_state_dict,
+    with_overrides,
 )
 
 # SDEdit configs/celeba.yml's diffusion: what DiffPure's DDPM purification (runners/diffpure_ddpm)
@@ -45,29 +45,13 @@ DDPM = {"beta_start": 0.0001, "beta_end": 0.02, "num_timesteps": 1000, "var_type
 
 def architecture(**overrides: Any) -> dict:
     """DDPMUNet kwargs: the full CelebA-HQ 256x256 config with `overrides`."""
-    unknown = set(overrides) - set(SDEDIT_CELEBAHQ256)
-    if unknown:
-        raise ConversionError(
-            f"unknown DDPM UNet option(s) {sorted(unknown)}; known: {', '.join(SDEDIT_CELEBAHQ256)}"
-        )
-    kwargs = {**SDEDIT_CELEBAHQ256, **overrides}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    return with_overrides(SDEDIT_CELEBAHQ256, overrides, "DDPM UNet")
 
 
 def abstract_variables(kwargs: dict, shown: dict | None = None):
     """The Flax variables tree of DDPMUNet(**kwargs), shapes only; options that make no model
     fail as a ConversionError naming `shown` (default: all kwargs)."""
-
-    def build():
-        size, channels = kwargs["image_size"], kwargs["in_channels"]
-        return jax.eval_shape(
-            DDPMUNet(**kwargs).init,
-            jax.random.key(0),
-            jnp.zeros((1, size, size, channels)),
-            jnp.zeros((1,), jnp.int32),
-        )
-
-    return model_template(build, kwargs, shown)
+    return score_template(DDPMUNet, kwargs, kwargs["in_channels"], jnp.int32, shown)
 
 
 def expected_torch_keys(**overrides: Any) -> dict[str, tuple[int, ...]]:

@@ -18,7 +18,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -32,9 +31,10 @@ from .common import (
     convert_state_dict,
     expected_torch_shapes,
     load_torch_file,
-    model_template,
+    score_template,
     strip_prefix,
     to_numpy_state_dict,
+    with_overrides,
 )
 
 SDE = {"beta_min": 0.1, "beta_max": 20.0, "n_discrete": 1000}
@@ -46,30 +46,13 @@ _UNREAD = ("num_head_channels",)
 
 def architecture(**overrides: Any) -> dict:
     """GuidedUNet kwargs: the full ImageNet 256x256 config with `overrides`."""
-    unknown = set(overrides) - set(ADM_IMAGENET256)
-    if unknown:
-        raise ConversionError(
-            f"unknown guided-diffusion option(s) {sorted(unknown)}; known: "
-            f"{', '.join(ADM_IMAGENET256)}"
-        )
-    kwargs = {**ADM_IMAGENET256, **overrides}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    return with_overrides(ADM_IMAGENET256, overrides, "guided-diffusion")
 
 
 def abstract_variables(kwargs: dict, shown: dict | None = None):
     """The Flax variables tree of GuidedUNet(**kwargs), shapes only; options that make no model
     fail as a ConversionError naming `shown` (default: all kwargs)."""
-
-    def build():
-        size, channels = kwargs["image_size"], kwargs["in_channels"]
-        return jax.eval_shape(
-            GuidedUNet(**kwargs).init,
-            jax.random.key(0),
-            jnp.zeros((1, size, size, channels)),
-            jnp.zeros((1,), jnp.int32),
-        )
-
-    return model_template(build, kwargs, shown)
+    return score_template(GuidedUNet, kwargs, kwargs["in_channels"], jnp.int32, shown)
 
 
 def _torch_shapes(abstract: Any) -> dict[str, tuple[int, ...]]:

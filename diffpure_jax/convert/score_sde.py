@@ -17,7 +17,6 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from ..checkpoint import save_variables
@@ -29,9 +28,10 @@ from .common import (
     convert_state_dict,
     expected_torch_shapes,
     load_torch_file,
-    model_template,
+    score_template,
     strip_prefix,
     to_numpy_state_dict,
+    with_overrides,
 )
 
 # score_sde_pytorch configs/vp/cifar10_ddpmpp_deep_continuous.py (= DiffPure configs/cifar10.yml).
@@ -54,30 +54,13 @@ SDE = {"beta_min": 0.1, "beta_max": 20.0, "n_discrete": 1000}
 
 def architecture(**overrides: Any) -> dict:
     """NCSNpp kwargs: the full CIFAR-10 DDPM++ deep continuous config with `overrides`."""
-    unknown = set(overrides) - set(CIFAR10_DDPMPP_DEEP_CONTINUOUS)
-    if unknown:
-        raise ConversionError(
-            f"unknown NCSN++ option(s) {sorted(unknown)}; known: "
-            f"{', '.join(CIFAR10_DDPMPP_DEEP_CONTINUOUS)}"
-        )
-    kwargs = {**CIFAR10_DDPMPP_DEEP_CONTINUOUS, **overrides}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    return with_overrides(CIFAR10_DDPMPP_DEEP_CONTINUOUS, overrides, "NCSN++")
 
 
 def abstract_variables(kwargs: dict, shown: dict | None = None):
     """The Flax variables tree of NCSNpp(**kwargs), shapes only; options that make no model
     fail as a ConversionError naming `shown` (default: all kwargs)."""
-
-    def build():
-        size, channels = kwargs["image_size"], kwargs["num_channels"]
-        return jax.eval_shape(
-            NCSNpp(**kwargs).init,
-            jax.random.key(0),
-            jnp.zeros((1, size, size, channels)),
-            jnp.zeros((1,)),
-        )
-
-    return model_template(build, kwargs, shown)
+    return score_template(NCSNpp, kwargs, kwargs["num_channels"], jnp.float32, shown)
 
 
 _MODULE_KEY = re.compile(r"^all_modules\.(\d+)\.(.+)$")
