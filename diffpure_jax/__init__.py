@@ -10,7 +10,16 @@ from .classifier import Classifier
 from .ddpm import DDPMConfig, DDPMPurifier
 from .defense import DefendedClassifier, undefended
 from .load import load_classifier, load_purifier, load_score_model
-from .purify import GRAD_MODES, AbstractPurifier, Purifier, PurifyConfig, purify, purify_eot
+from .purify import (
+    GRAD_MODES,
+    AbstractPurifier,
+    Purifier,
+    PurifyConfig,
+    Trajectory,
+    purify,
+    purify_eot,
+    purify_trajectory,
+)
 from .score import ScoreModel
 from .sde import VPSDE
 
@@ -30,5 +39,7 @@ __all__ = [
     "load_score_model",
     "purify",
     "purify_eot",
+    "purify_trajectory",
+    "Trajectory",
     "undefended",
 ]

@@ -41,7 +41,7 @@ import numpy as np
 
 from . import noise
 from .attacks.base import eot_keys
-from .purify import AbstractPurifier, PurifyConfig, check_images
+from .purify import AbstractPurifier, PurifyConfig, Trajectory, check_images, check_steps
 from .resize import resize_bilinear
 from .score import SCORE_DTYPES, with_score_dtype
 
@@ -267,21 +267,38 @@ def ddpm_chain(
     n_steps: int,
     noise_fn: NoiseFn,
     checkpoints: int | None = None,
-) -> jax.Array:
+    steps: tuple[int, ...] = (),
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Ancestral steps i = n_steps - 1, ..., 0 from x_t (B, H, W, C) (model scale) -> x_0.
 
     eps_fn(x, t) the network; noise_fn(i) gives z_i (called inside the loop, so noise is drawn
     per step and replayed when the checkpointed backward pass recomputes a step). Reverse-mode
-    differentiable with memory sublinear in n_steps (`checkpoints` states kept)."""
+    differentiable with memory sublinear in n_steps (`checkpoints` states kept).
 
-    def body(x, i):
-        return schedule.step(eps_fn, x, i, noise_fn(i)), None
+    steps: strictly increasing counts k in [0, n_steps] of steps taken; when given, returns
+    (x_0, states (S, B, H, W, C)), the state after k steps (k = 0: x_t), kept in a buffer of the
+    loop's carry (differentiable like x_0)."""
+    slot = np.full(n_steps + 1, -1, np.int32)
+    slot[list(steps)] = np.arange(len(steps))
+    slot = jnp.asarray(slot)
 
-    steps = jnp.arange(n_steps - 1, -1, -1, dtype=jnp.int32)
+    def keep(buf, x, k):
+        s = slot[k]
+        return jnp.where(s >= 0, buf.at[jnp.maximum(s, 0)].set(x), buf)
+
+    def body(carry, i):
+        x, buf = carry
+        x = schedule.step(eps_fn, x, i, noise_fn(i))
+        return (x, keep(buf, x, n_steps - i) if steps else buf), None
+
+    buf = jnp.zeros((len(steps), *x_t.shape), x_t.dtype)
+    if steps:
+        buf = keep(buf, x_t, 0)
+    ks = jnp.arange(n_steps - 1, -1, -1, dtype=jnp.int32)
     if checkpoints is not None:
         checkpoints = min(int(checkpoints), n_steps)
-    x_0, _ = eqxi.scan(body, x_t, steps, kind="checkpointed", checkpoints=checkpoints)
-    return x_0
+    (x_0, buf), _ = eqxi.scan(body, (x_t, buf), ks, kind="checkpointed", checkpoints=checkpoints)
+    return (x_0, buf) if steps else x_0
 
 
 def _index(x, index):
@@ -327,22 +344,41 @@ class DDPMPurifier(AbstractPurifier):
         """Purify x (B, H, W, C) in [0, 1] with given noise: eps (B, *image_shape) the forward
         noise (network size), noise_fn(i) -> z_i (B, *image_shape) (`stored_step_noise`,
         `keyed_step_noise`). Returns (B, H, W, C); gradients as `config.grad` says."""
+        return self.trajectory_with_noise(x, eps, noise_fn).purified
+
+    def trajectory_with_noise(
+        self, x: jax.Array, eps: jax.Array, noise_fn: NoiseFn, steps=()
+    ) -> Trajectory:
+        """`purify_with_noise` with the chain's states after k steps for k in `steps`
+        (strictly increasing in [0, n_steps]): a `purify.Trajectory`. Its times are (n - k) /
+        num_timesteps; its diffused states use alphas_cumprod[n - 1 - k] (1 at k = n)."""
         x = check_images(x, self.input_shape)
+        n = self.n_steps
+        steps = check_steps(steps, n)
         mode = self.config.grad
         x_in = x if mode == "exact" else jax.lax.stop_gradient(x)  # no tangents into the chain
         x_in = resize_bilinear(x_in, self.image_shape[:2])
-        n = self.n_steps
         x_t = self.schedule.diffuse(2.0 * x_in - 1.0, eps, n)
         apply = with_score_dtype(self.eps_fn, self.config.score_dtype)
 
         def eps_fn(y, t):
             return apply(self.variables, y, t)
 
-        x_0 = ddpm_chain(eps_fn, self.schedule, x_t, n, noise_fn, self.config.checkpoints)
+        chain = ddpm_chain(eps_fn, self.schedule, x_t, n, noise_fn, self.config.checkpoints, steps)
+        x_0, states = chain if steps else (chain, jnp.zeros((0, *x_t.shape), x_t.dtype))
         out = resize_bilinear((x_0 + 1.0) / 2.0, x.shape[1:3])
+        abar = np.append(self.schedule.alphas_cumprod, np.float32(1.0))  # index -1: clean
+        levels = np.array([abar[n - 1 - k] if k < n else 1.0 for k in steps], np.float32)
+        signal = jnp.asarray(np.sqrt(levels), x.dtype)[:, None, None, None, None]
+        x_diff = 2.0 * resize_bilinear(x, self.image_shape[:2]) - 1.0
+        diffused = signal * x_diff + jnp.sqrt(1.0 - signal**2) * eps.astype(x.dtype)
         if mode == "bpda":
-            return x + jax.lax.stop_gradient(out - x)
-        return out  # blind: out depends on x only through stop_gradient
+            out = x + jax.lax.stop_gradient(out - x)
+        elif mode == "blind":  # out and states already depend on x through stop_gradient
+            diffused = jax.lax.stop_gradient(diffused)
+        times = jnp.asarray([(n - k) / self.schedule.num_timesteps for k in steps], jnp.float32)
+        steps_ = jnp.asarray(steps, jnp.int32)
+        return Trajectory(out, steps_, times, states, diffused, jnp.asarray(levels))
 
     def purify_with_keys(self, x: jax.Array, keys: jax.Array) -> jax.Array:
         """Purify x (N, H, W, C) in [0, 1] with one noise key per row, keys (N,)."""
@@ -354,6 +390,13 @@ class DDPMPurifier(AbstractPurifier):
         """One purification of x (B, H, W, C) in [0, 1]; noise from (key, index, step), index
         (B,) dataset indices (default arange(B))."""
         return self.purify_with_keys(x, noise.example_keys(key, _index(x, index)))
+
+    def trajectory(self, x, key, steps, index=None):
+        """`self(x, key, index)` with the chain's states after k steps, k in `steps`."""
+        keys = noise.example_keys(key, _index(x, index))
+        shape = tuple(self.image_shape)
+        eps = noise.forward_noise(keys, shape, x.dtype)
+        return self.trajectory_with_noise(x, eps, keyed_step_noise(keys, shape, x.dtype), steps)
 
     def eot(self, x, key, n_draws: int, index=None):
         """(n_draws, B, H, W, C) purifications in one batched chain; draw d equals

@@ -35,7 +35,7 @@ import abc
 import dataclasses
 import functools
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import diffrax
 import equinox as eqx
@@ -260,13 +260,17 @@ def _terms(sde: VPSDE, score_fn: ScoreFn, path, probability_flow: bool):
     return diffrax.MultiTerm(diffrax.ODETerm(drift), diffrax.ControlTerm(diffusion, path))
 
 
-def _diffrax_solve(sde, score_fn, config: PurifyConfig, params, x_t, ts, path, adjoint):
+def _diffrax_solve(sde, score_fn, config: PurifyConfig, params, x_t, ts, path, adjoint, steps=()):
+    """(x at ts[-1], states (S, ...) at ts[steps] or None when steps is empty)."""
     if isinstance(adjoint, diffrax.BacksolveAdjoint):
         # BacksolveAdjoint's backward solve rejects a decreasing StepTo grid (diffrax 0.7.2);
         # constant steps of -dt clipped at t_end visit the same grid.
         controller, dt0 = diffrax.ConstantStepSize(), ts[1] - ts[0]
     else:
         controller, dt0 = diffrax.StepTo(ts=ts), None
+    saveat = (
+        diffrax.SaveAt(ts=ts[jnp.asarray(steps)], t1=True) if steps else diffrax.SaveAt(t1=True)
+    )
     sol = diffrax.diffeqsolve(
         _terms(sde, score_fn, path, config.probability_flow),
         SOLVERS[config.solver](),
@@ -277,28 +281,42 @@ def _diffrax_solve(sde, score_fn, config: PurifyConfig, params, x_t, ts, path, a
         args=params,
         stepsize_controller=controller,
         adjoint=adjoint,
+        saveat=saveat,
         max_steps=config.n_steps,
     )
-    return sol.ys[-1]
+    return sol.ys[-1], (sol.ys[:-1] if steps else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _euler_adjoint_solve(sde, score_fn, config, params, x_t, ts, path):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _euler_adjoint_solve(sde, score_fn, config, steps, params, x_t, ts, path):
     adjoint = diffrax.RecursiveCheckpointAdjoint(checkpoints=config.checkpoints)
-    return _diffrax_solve(sde, score_fn, config, params, x_t, ts, path, adjoint)
+    return _diffrax_solve(sde, score_fn, config, params, x_t, ts, path, adjoint, steps)
 
 
-def _euler_adjoint_fwd(sde, score_fn, config, params, x_t, ts, path):
-    x_0 = _euler_adjoint_solve(sde, score_fn, config, params, x_t, ts, path)
-    return x_0, (x_0, params, ts, path)
+def _euler_adjoint_fwd(sde, score_fn, config, steps, params, x_t, ts, path):
+    out = _euler_adjoint_solve(sde, score_fn, config, steps, params, x_t, ts, path)
+    return out, (out[0], params, ts, path)
 
 
-def _euler_adjoint_bwd(sde, score_fn, config, residuals, a_0):
-    """Integrate the adjoint backwards from t_end to t*, reconstructing the state on the way."""
+def _euler_adjoint_bwd(sde, score_fn, config, steps, residuals, cotangents):
+    """Integrate the adjoint backwards from t_end to t*, reconstructing the state on the way;
+    the cotangents of saved states (`steps`) join the adjoint when it passes their step."""
     x_0, params, ts, path = residuals
+    a_0, a_states = cotangents
+    # slot[k]: the position of step k in `steps`, or -1 (no cotangent enters there).
+    slot = np.full(config.n_steps + 1, -1, np.int32)
+    slot[list(steps)] = np.arange(len(steps))
+    slot = jnp.asarray(slot)
+
+    def joined(a, k):
+        if not steps:
+            return a
+        s = slot[k]
+        return a + jnp.where(s >= 0, a_states[jnp.maximum(s, 0)], jnp.zeros_like(a))
 
     def step(carry, k):
         x, a = carry
+        a = joined(a, k + 1)
         t, dt = ts[k + 1], ts[k] - ts[k + 1]
         # The reverse-time drift with time running forwards (DiffPure's RevVPSDE.f).
         drift, vjp = jax.vjp(
@@ -311,14 +329,52 @@ def _euler_adjoint_bwd(sde, score_fn, config, residuals, a_0):
             x_prev = x_prev + sde.diffusion(t) * path.evaluate(ts[k + 1], ts[k])
         return (x_prev, a + vjp(a)[0] * dt), None
 
-    steps = jnp.arange(config.n_steps - 1, -1, -1)
+    ks = jnp.arange(config.n_steps - 1, -1, -1)
     unroll = config.n_steps if config.unroll else 1
-    (_, a_t), _ = jax.lax.scan(step, (x_0, a_0), steps, unroll=unroll)
+    (_, a_t), _ = jax.lax.scan(step, (x_0, a_0), ks, unroll=unroll)
+    a_t = joined(a_t, 0)
     zeros = functools.partial(jax.tree.map, lambda v: None)
     return zeros(params), a_t, None, zeros(path)
 
 
 _euler_adjoint_solve.defvjp(_euler_adjoint_fwd, _euler_adjoint_bwd)
+
+
+def check_steps(steps, n_steps: int) -> tuple[int, ...]:
+    """`steps` as a tuple of ints, refused unless strictly increasing in [0, n_steps]."""
+    steps = tuple(int(k) for k in steps)
+    if any(b <= a for a, b in zip(steps, steps[1:], strict=False)) or (
+        steps and not 0 <= steps[0] <= steps[-1] <= n_steps
+    ):
+        raise ValueError(
+            f"steps must be strictly increasing step indices in [0, {n_steps}] (0: the diffused "
+            f"input, {n_steps}: the end of the reverse solve), got {steps[:6]}"
+            + (" ..." if len(steps) > 6 else "")
+        )
+    return steps
+
+
+def reverse_solve_states(
+    sde: VPSDE, score_fn: ScoreFn, config: PurifyConfig, params, x_t, ts, path, steps=()
+) -> tuple[jax.Array, jax.Array | None]:
+    """`reverse_solve` that also returns the states at chosen steps, from the same solve.
+
+    steps: strictly increasing step indices k in [0, n_steps]; the state at step k is the
+    solution at ts[k] (k = 0: x_t itself; k = n_steps: the returned x_0). Returns (x_0, states
+    (S, *x_t.shape)), states None when steps is empty. Gradients flow through the states as
+    through x_0, in the same mode: `exact` (diffrax saves them inside the checkpointed solve),
+    `adjoint` (their cotangents join the adjoint at their step), unrolled Euler.
+    """
+    steps = check_steps(steps, config.n_steps)
+    if config.grad == "adjoint":
+        if config.solver == "euler":
+            return _euler_adjoint_solve(sde, score_fn, config, steps, params, x_t, ts, path)
+        adjoint = diffrax.BacksolveAdjoint(solver=SOLVERS[config.solver]())
+        return _diffrax_solve(sde, score_fn, config, params, x_t, ts, path, adjoint, steps)
+    if config.unroll:
+        return _unrolled_euler(sde, score_fn, config, params, x_t, ts, path, steps)
+    adjoint = diffrax.RecursiveCheckpointAdjoint(checkpoints=config.checkpoints)
+    return _diffrax_solve(sde, score_fn, config, params, x_t, ts, path, adjoint, steps)
 
 
 def reverse_solve(
@@ -329,18 +385,10 @@ def reverse_solve(
     x_t: (B, H, W, C) in the model's [-1, 1] scale; `path` gives the Brownian increments.
     Differentiable in x_t as `config.grad` says (`bpda`/`blind` are handled by `purify`).
     """
-    if config.grad == "adjoint":
-        if config.solver == "euler":
-            return _euler_adjoint_solve(sde, score_fn, config, params, x_t, ts, path)
-        adjoint = diffrax.BacksolveAdjoint(solver=SOLVERS[config.solver]())
-        return _diffrax_solve(sde, score_fn, config, params, x_t, ts, path, adjoint)
-    if config.unroll:
-        return _unrolled_euler(sde, score_fn, config, params, x_t, ts, path)
-    adjoint = diffrax.RecursiveCheckpointAdjoint(checkpoints=config.checkpoints)
-    return _diffrax_solve(sde, score_fn, config, params, x_t, ts, path, adjoint)
+    return reverse_solve_states(sde, score_fn, config, params, x_t, ts, path)[0]
 
 
-def _unrolled_euler(sde, score_fn, config, params, x_t, ts, path):
+def _unrolled_euler(sde, score_fn, config, params, x_t, ts, path, steps=()):
     """Euler(-Maruyama) on `ts` as straight-line code, each step rematerialised in the backward
     pass: the same update as diffrax.Euler, y + f(t_k, y) (t_{k+1} - t_k) + g(t_k) dW_k."""
 
@@ -353,10 +401,13 @@ def _unrolled_euler(sde, score_fn, config, params, x_t, ts, path):
             return y_next
         return y_next + sde.diffusion(t0) * path.evaluate(t0, t1)
 
-    y = x_t
+    y, states = x_t, {}
     for k in range(config.n_steps):
+        if k in steps:
+            states[k] = y
         y = step(y, ts[k], ts[k + 1])
-    return y
+    states[config.n_steps] = y
+    return y, (jnp.stack([states[k] for k in steps]) if steps else None)
 
 
 def make_path(config: PurifyConfig, keys, image_shape, dtype=jnp.float32, ts=None):
@@ -376,6 +427,74 @@ def input_shape(score: ScoreModel, config: PurifyConfig) -> tuple[int, int, int]
     return (config.input_size, config.input_size, score.image_shape[-1])
 
 
+class Trajectory(NamedTuple):
+    """One purification with the states of its reverse solve at chosen steps.
+
+    purified: (B, H, W, C) the purified images, as `purify` returns them (image scale).
+    steps: (S,) int, the step indices k asked for (0: the diffused input x_t*, n_steps: the end
+      of the reverse solve); times: (S,) float32, their diffusion times.
+    reverse: (S, B, h, w, c) the reverse process's states x'_t at those steps, in the model's
+      [-1, 1] scale at the score model's size (h, w, c).
+    diffused: (S, B, h, w, c) the forward diffusion of the same input to the same times with the
+      same forward noise eps, x_t = sqrt(abar(t)) (2x - 1) + sqrt(1 - abar(t)) eps (what the
+      reverse process would track if it undid the diffusion exactly; DiffAttack's x_t). VP-SDE:
+      the continuous abar(t) (at step 0 it differs from x_t*, made with the discrete schedule,
+      by about 1e-3 relative); DDPM: the chain's own alphas_cumprod.
+    alpha_bar: (S,) float32, the abar(t) of each step's diffused state (1 at t = 0).
+
+    Gradients: `exact` and `adjoint` flow through `reverse` as through `purified`; in `bpda`
+    `reverse` carries none (the purifier is the identity in the backward pass) and `diffused`
+    its closed-form one; in `blind` nothing carries a gradient.
+    """
+
+    purified: jax.Array
+    steps: jax.Array
+    times: jax.Array
+    reverse: jax.Array
+    diffused: jax.Array
+    alpha_bar: jax.Array
+
+
+def trajectory_with_keys(
+    score: ScoreModel,
+    config: PurifyConfig,
+    x: jax.Array,
+    keys: jax.Array,
+    steps=(),
+    reverse_keys: jax.Array | None = None,
+) -> Trajectory:
+    """`purify_with_keys` with the reverse solve's states at `steps` (a `Trajectory`; one solve).
+
+    steps: strictly increasing step indices in [0, n_steps] (a static tuple)."""
+    x = check_images(x, input_shape(score, config))
+    steps = check_steps(steps, config.n_steps)
+    x_in = resize_bilinear(x, score.image_shape[:2])
+    eps = noise.forward_noise(keys, x_in.shape[1:], x.dtype)
+    x_t = score.sde.diffuse(2.0 * x_in - 1.0, eps, config.t_star, config.forward_schedule)
+    ts = jnp.asarray(config.time_grid(), x.dtype)
+    path = make_path(
+        config, keys if reverse_keys is None else reverse_keys, x_in.shape[1:], x.dtype, ts
+    )
+    score_fn = with_score_dtype(score.score_fn, config.score_dtype)
+    x_0, states = reverse_solve_states(
+        score.sde, score_fn, config, score.variables, x_t, ts, path, steps
+    )
+    out = resize_bilinear((x_0 + 1.0) / 2.0, x.shape[1:3])
+    times = ts[jnp.asarray(steps, jnp.int32)]
+    log_abar = score.sde.log_alpha_bar(times)[:, None, None, None, None]
+    # sqrt(1 - abar) as sqrt(-expm1(log abar)): exact near t = 0, where 1 - abar ~ 1e-6.
+    diffused = jnp.exp(0.5 * log_abar) * (2.0 * x_in - 1.0) + jnp.sqrt(-jnp.expm1(log_abar)) * eps
+    if states is None:
+        states = jnp.zeros((0, *x_t.shape), x.dtype)
+    if config.grad == "bpda":
+        out = x + jax.lax.stop_gradient(out - x)
+        states = jax.lax.stop_gradient(states)
+    elif config.grad == "blind":
+        out, states, diffused = jax.lax.stop_gradient((out, states, diffused))
+    abar = jnp.exp(log_abar[:, 0, 0, 0, 0])
+    return Trajectory(out, jnp.asarray(steps, jnp.int32), times, states, diffused, abar)
+
+
 def purify_with_keys(
     score: ScoreModel,
     config: PurifyConfig,
@@ -388,26 +507,7 @@ def purify_with_keys(
     reverse_keys (N,): other keys for the reverse SDE's noise only (default: keys), to draw
     several reverse solves from the same diffused image x_t*. With `config.input_size`, x is
     (N, input_size, input_size, C), resized to the score model's size and back."""
-    x = check_images(x, input_shape(score, config))
-    x_in = resize_bilinear(x, score.image_shape[:2])
-    x_t = score.sde.diffuse(
-        2.0 * x_in - 1.0,
-        noise.forward_noise(keys, x_in.shape[1:], x.dtype),
-        config.t_star,
-        config.forward_schedule,
-    )
-    ts = jnp.asarray(config.time_grid(), x.dtype)
-    path = make_path(
-        config, keys if reverse_keys is None else reverse_keys, x_in.shape[1:], x.dtype, ts
-    )
-    score_fn = with_score_dtype(score.score_fn, config.score_dtype)
-    x_0 = reverse_solve(score.sde, score_fn, config, score.variables, x_t, ts, path)
-    out = resize_bilinear((x_0 + 1.0) / 2.0, x.shape[1:3])
-    if config.grad == "bpda":
-        return x + jax.lax.stop_gradient(out - x)
-    if config.grad == "blind":
-        return jax.lax.stop_gradient(out)
-    return out
+    return trajectory_with_keys(score, config, x, keys, (), reverse_keys).purified
 
 
 def diffuse_images(x: jax.Array, eps: jax.Array, t_star: float) -> jax.Array:
@@ -447,6 +547,20 @@ def purify(
     return purify_with_keys(score, config, x, noise.example_keys(key, _index(x, index)))
 
 
+def purify_trajectory(
+    score: ScoreModel,
+    config: PurifyConfig,
+    x: jax.Array,
+    key: jax.Array,
+    steps,
+    index: jax.Array | None = None,
+) -> Trajectory:
+    """`purify` (the same noise, the same purified images) with the reverse solve's states at
+    `steps`, strictly increasing step indices in [0, n_steps] (static): a `Trajectory`."""
+    keys = noise.example_keys(key, _index(x, index))
+    return trajectory_with_keys(score, config, x, keys, steps)
+
+
 def purify_eot(
     score: ScoreModel,
     config: PurifyConfig,
@@ -468,7 +582,8 @@ def purify_eot(
 
 class AbstractPurifier(eqx.Module):
     """What `defense.DefendedClassifier` needs of a purifier (a pytree): `purifier(x, key,
-    index=None)`, `eot`, `replace` and a static `config` with a `grad` mode. Implemented by
+    index=None)`, `purify_with_keys`, `trajectory`, `n_steps`, `eot`, `replace` and a static
+    `config` with a `grad` mode. Implemented by
     `Purifier` (VP-SDE) and `ddpm.DDPMPurifier` (DDPM ancestral steps).
 
     `config` is not declared here (an abstract field would come first in every subclass's
@@ -478,6 +593,23 @@ class AbstractPurifier(eqx.Module):
     def __call__(self, x: jax.Array, key: jax.Array, index: jax.Array | None = None) -> jax.Array:
         """x (B, H, W, C) in [0, 1]; key a PRNG key; index (B,) int dataset indices or None
         (then arange(B)). Returns (B, H, W, C) purified images, about [0, 1] (not clipped)."""
+
+    @abc.abstractmethod
+    def purify_with_keys(self, x: jax.Array, keys: jax.Array) -> jax.Array:
+        """x (N, H, W, C) in [0, 1] purified with one noise key per row, keys (N,): row n equals
+        row b of `self(x', key, index)` when keys[n] = `noise.example_keys(key, index)[b]`
+        (per-example draws, e.g. DiffHammer's selected draw of each example)."""
+
+    @abc.abstractmethod
+    def trajectory(self, x: jax.Array, key: jax.Array, steps, index=None) -> Trajectory:
+        """`self(x, key, index)` with the states of its reverse process at `steps` (strictly
+        increasing step indices in [0, n_steps], static; 0 is the diffused input): a
+        `Trajectory` whose `purified` equals `self(x, key, index)`."""
+
+    @property
+    @abc.abstractmethod
+    def n_steps(self) -> int:
+        """The number of reverse steps (the valid trajectory steps are 0 .. n_steps)."""
 
     @abc.abstractmethod
     def eot(self, x: jax.Array, key: jax.Array, n_draws: int, index=None) -> jax.Array:
@@ -497,6 +629,16 @@ class Purifier(AbstractPurifier):
 
     def __call__(self, x, key, index=None):
         return purify(self.score, self.config, x, key, index)
+
+    def purify_with_keys(self, x, keys):
+        return purify_with_keys(self.score, self.config, x, keys)
+
+    def trajectory(self, x, key, steps, index=None):
+        return purify_trajectory(self.score, self.config, x, key, steps, index)
+
+    @property
+    def n_steps(self) -> int:
+        return self.config.n_steps
 
     def eot(self, x, key, n_draws: int, index=None):
         return purify_eot(self.score, self.config, x, key, n_draws, index)

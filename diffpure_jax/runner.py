@@ -35,6 +35,7 @@ import dataclasses
 import glob
 import json
 import os
+import time
 from collections.abc import Callable
 
 import jax
@@ -51,6 +52,8 @@ from .workdir import check_run_config, truncate_torn_tail
 
 RECORDS = "records.jsonl"
 PROCESS_RECORDS = "records.p{}.jsonl"  # one per process in a multi-process run, merged at the end
+TIMINGS = "timings.jsonl"  # wall seconds per batch (not part of the results: runs differ)
+PROCESS_TIMINGS = "timings.p{}.jsonl"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 
@@ -124,6 +127,38 @@ def merge_records(workdir: str) -> None:
     for part in parts:
         if os.path.basename(part) != RECORDS:
             os.remove(part)
+    _merge_timings(workdir)
+
+
+def _merge_timings(workdir: str) -> None:
+    parts = sorted(glob.glob(os.path.join(workdir, PROCESS_TIMINGS.format("*"))))
+    if not parts:
+        return
+    lines = [line for p in parts for line in open(p) if line.endswith("\n")]
+    _fsync_append(os.path.join(workdir, TIMINGS), [line.rstrip("\n") for line in lines])
+    for part in parts:
+        os.remove(part)
+
+
+def read_timings(workdir: str) -> list[dict]:
+    """The workdir's per-batch timings, {batch, examples, seconds, process, first}: the wall
+    time of a batch's attack and protocols, written after its records (`first`: the first batch
+    a process ran in that sitting, which includes compilation)."""
+    paths = glob.glob(os.path.join(workdir, "timings*.jsonl"))
+    out = []
+    for path in sorted(paths):
+        with open(path) as f:
+            out += [json.loads(line) for line in f if line.endswith("\n")]
+    return out
+
+
+def seconds_per_example(workdir: str) -> float | None:
+    """Wall seconds per example of a workdir's batches, leaving out each sitting's first batch
+    (compilation) when other batches were timed; None if none was."""
+    timings = read_timings(workdir)
+    steady = [t for t in timings if not t["first"]] or timings
+    n = sum(t["examples"] for t in steady)
+    return sum(t["seconds"] for t in steady) / n if n else None
 
 
 def run_evaluation(
@@ -172,10 +207,15 @@ def run_evaluation(
     desc = "evaluating" if n_processes == 1 else f"evaluating (process {process}/{n_processes})"
     progress_bar = progress_bar_or_none(len(mine), progress, desc, "batch")
     key = jax.random.key(evaluation.seed)
+    own_timings = os.path.join(
+        workdir, TIMINGS if n_processes == 1 else PROCESS_TIMINGS.format(process)
+    )
+    first = True
     for b, sl in mine:
         if all(int(i) in done for i in index[sl]):
             progress_bar.update(1)
             continue
+        started = time.perf_counter()
         batch_key = jax.random.fold_in(key, b)
         # Pad to a multiple of the device count (copies of the first row, distinct negative
         # indices) and split over the mesh; the padding rows never reach the records.
@@ -187,6 +227,10 @@ def run_evaluation(
             evaluation, protocols, model, xb, yb, (x[sl], y[sl], index[sl]), batch_key, workdir, b
         )
         _fsync_append(own_records, [json.dumps(r, sort_keys=True) for r in records])
+        seconds = time.perf_counter() - started
+        timing = dict(batch=b, examples=len(records), seconds=seconds, process=process, first=first)
+        _fsync_append(own_timings, [json.dumps(timing, sort_keys=True)])
+        first = False
         all_records += records
         _update_progress(progress_bar, all_records)
         if after_batch is not None:

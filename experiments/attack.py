@@ -65,7 +65,10 @@ TEST_SETS: dict[str, TestSet] = {
     "imagenet": TestSet("ImageNet validation", imagenet_val, 50_000),
     "celebahq": TestSet("CelebA-HQ validation", celebahq_val, None, ("attribute",)),
 }
-ATTACK_NAMES = ("autoattack", "pgd-eot", "pgd-eot-final", "bpda-eot", "stadv")
+ATTACK_NAMES = (
+    "autoattack", "pgd-eot", "pgd-eot-final", "bpda-eot", "stadv", "diffattack", "diffhammer"
+)  # fmt: skip
+APGD_FAMILY = ("autoattack", "diffattack")  # attacks built from an AutoAttack version
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +112,9 @@ class AttackRun:
         choices=ATTACK_NAMES,
         help="pgd-eot stops each example at its first success (a lucky draw can end it at a "
         "weak point); pgd-eot-final takes every step and is judged at the last iterate, the "
-        "point for worst_of_N / majority_of_N; stadv is DiffPure's StAdv (needs --norm StAdv)",
+        "point for worst_of_N / majority_of_N; stadv is DiffPure's StAdv (needs --norm StAdv); "
+        "diffattack: the --version's APGD attacks plus DiffAttack's deviated-reconstruction "
+        "loss; diffhammer: DiffHammer's selective EM attack with gradient grafting",
     )
     version: str = field(
         "rand",
@@ -127,6 +132,31 @@ class AttackRun:
         "the memory of large-EOT attacks, same results",
     )
     n_iter: int | None = field(None, help="attack iterations (none: the attack's own)")
+    apgd_restarts: int | None = field(
+        None,
+        identity="changed",
+        help="AutoAttack's APGD-CE and APGD-DLR restarts (none: the version's own, 5 for "
+        "custom as the reference, 1 for standard and rand, 5 for standard L1)",
+    )
+    fab_restarts: int | None = field(
+        None,
+        identity="changed",
+        help="AutoAttack's untargeted FAB restarts (none: the version's own, 5 for custom as "
+        "the reference, else 1)",
+    )
+    dev_steps: int = field(
+        10,
+        identity="changed",
+        help="diffattack: reverse steps of the deviated-reconstruction loss, spread evenly",
+    )
+    dev_weight: float = field(
+        1.0, identity="changed", help="diffattack: lambda, the weight of that loss (paper: 1)"
+    )
+    n_eval: int = field(
+        10,
+        identity="changed",
+        help="diffhammer: purification draws scored at every iteration (its N-evaluation)",
+    )
     recheck: int | None = field(
         None,
         identity="changed",
@@ -167,6 +197,17 @@ class AttackRun:
             object.__setattr__(self, "protocols", LIU_PROTOCOLS)
         if self.version == "custom" and not self.attacks:
             raise ValueError("--version custom needs --attacks, e.g. --attacks apgd-ce square")
+        if self.attack == "diffhammer" and self.eot is not None:
+            raise ValueError(
+                "--attack diffhammer scores --n-eval draws per iteration and backpropagates one "
+                "(gradient grafting); --eot does not apply"
+            )
+        restarts = self.apgd_restarts is not None or self.fab_restarts is not None
+        if restarts and self.attack not in APGD_FAMILY:
+            raise ValueError(
+                f"--apgd-restarts and --fab-restarts apply to autoattack and diffattack, not "
+                f"{self.attack}"
+            )
         if self.recheck is not None and self.attack not in ("pgd-eot", "pgd-eot-final", "bpda-eot"):
             raise ValueError(
                 f"--recheck applies to pgd-eot, pgd-eot-final and bpda-eot, not {self.attack}"
@@ -188,11 +229,17 @@ class AttackRun:
         if not 1 <= self.n_examples <= size:
             label = TEST_SETS[self.dataset].label
             raise ValueError(f"--n-examples must be in [1, {size}] ({label}): {self.n_examples}")
-        for name in ("batch_size", "n_queries", "eot", "eot_chunk", "n_iter", "recheck"):
+        counts = ("batch_size", "n_queries", "eot", "eot_chunk", "n_iter", "recheck")
+        counts += ("dev_steps", "n_eval")
+        for name in counts + ("apgd_restarts", "fab_restarts"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         self.threat()
+        if self.attack in ("diffattack", "diffhammer"):
+            if self.defense != "diffpure":
+                raise ValueError(f"--attack {self.attack} attacks a purifier: --defense diffpure")
+            self.suite()  # refuses settings the attack cannot take (threat, version)
         parse_protocols(self.protocols)
         if self.defense == "diffpure":
             self.purify_config()
@@ -217,22 +264,35 @@ class AttackRun:
             score=None, input_size=None, score_dtype="float32", recheck=None,
         )  # fmt: skip
 
+    def autoattack_config(self):
+        """The AutoAttack version's settings with this run's overrides (autoattack, diffattack)."""
+        overrides = {"n_queries": self.n_queries}
+        if self.eot is not None:
+            overrides["n_eot"] = self.eot
+        if self.eot_chunk is not None:
+            overrides["eot_chunk"] = self.eot_chunk
+        if self.n_iter is not None:
+            overrides["n_iter"] = self.n_iter
+        if self.apgd_restarts is not None:
+            overrides["n_restarts"] = self.apgd_restarts
+        if self.fab_restarts is not None:
+            overrides["fab_restarts"] = self.fab_restarts
+        if self.version == "custom":
+            overrides["attacks"] = tuple(self.attacks)
+        return autoattack_config(self.version, self.norm, **overrides)
+
     def suite(self):
         """The attack suite the runner calls on each batch."""
         threat = self.threat()
         if self.attack == "autoattack":
-            overrides = {"n_queries": self.n_queries}
-            if self.eot is not None:
-                overrides["n_eot"] = self.eot
-            if self.eot_chunk is not None:
-                overrides["eot_chunk"] = self.eot_chunk
-            if self.n_iter is not None:
-                overrides["n_iter"] = self.n_iter
-            if self.version == "custom":
-                overrides["attacks"] = tuple(self.attacks)
-            return suites.autoattack_suite(
-                threat, autoattack_config(self.version, self.norm, **overrides)
+            return suites.autoattack_suite(threat, self.autoattack_config())
+        if self.attack == "diffattack":
+            return suites.diffattack_suite(
+                threat, self.autoattack_config(), self.dev_steps, self.dev_weight
             )
+        if self.attack == "diffhammer":
+            n_iter = {} if self.n_iter is None else {"n_iter": self.n_iter}
+            return suites.diffhammer_suite(threat, n_eval=self.n_eval, **n_iter)
         kwargs = {}
         if self.eot is not None:
             kwargs["n_eot"] = self.eot

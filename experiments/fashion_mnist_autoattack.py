@@ -42,8 +42,12 @@ def describe(run: attack.AttackRun) -> tuple[str, str]:
         "pgd-eot-final": "PGD-EOT (final iterate)",
         "bpda-eot": "BPDA+EOT",
         "stadv": "StAdv",
+        "diffattack": f"DiffAttack (AutoAttack {run.version} + L_dev)",
+        "diffhammer": f"DiffHammer (N = {run.n_eval})",
     }
     eot = f", EOT {run.eot}" if run.eot and run.attack != "bpda-eot" else ""
+    if run.n_iter:
+        eot += f", {run.n_iter} iter."
     if run.attack == "stadv" and not run.eot:
         eot = ", EOT 20"  # the attack's own
     model = f"DiffPure (t*={run.t_star}, dt={run.dt:g}) + {classifier}"

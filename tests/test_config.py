@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 from helpers import refusal
 
+from diffpure_jax.attacks import suites
 from experiments import (
     celebahq_autoattack,
     cifar_autoattack,
@@ -63,6 +64,30 @@ def test_fields_recorded_only_when_changed_keep_old_run_directories():
     bf16 = cifar_autoattack.get_run(["--score-dtype", "bfloat16"])
     assert identity(bf16)["score_dtype"] == "bfloat16"
     assert run_dir("w", "diffpure", bf16) != run_dir("w", "diffpure", run)
+
+
+def test_restart_flags_reach_the_autoattack_config(monkeypatch, capsys):
+    monkeypatch.setattr(suites, "autoattack_suite", lambda threat, config: config)
+    run = cifar_autoattack.get_run([])
+    assert (run.apgd_restarts, run.fab_restarts) == (None, None)
+    assert {"apgd_restarts", "fab_restarts"}.isdisjoint(identity(run))  # old runs keep their dirs
+    rand = run.suite()
+    assert (rand.attacks, rand.n_restarts, rand.fab_restarts) == (("apgd-ce", "apgd-dlr"), 1, 1)
+    custom = cifar_autoattack.get_run(["--version", "custom", "--attacks", "apgd-ce", "fab"])
+    assert (custom.suite().n_restarts, custom.suite().fab_restarts) == (5, 5)  # the reference's
+    flags = "--version custom --attacks fab --apgd-restarts 2 --fab-restarts 3".split()
+    given = cifar_autoattack.get_run(flags)
+    assert (given.suite().n_restarts, given.suite().fab_restarts) == (2, 3)
+    assert (identity(given)["apgd_restarts"], identity(given)["fab_restarts"]) == (2, 3)
+    assert run_dir("w", "diffpure", given) != run_dir("w", "diffpure", custom)
+    standard = cifar_autoattack.get_run(["--version", "standard", "--fab-restarts", "2"])
+    assert (standard.suite().n_restarts, standard.suite().fab_restarts) == (1, 2)
+    assert "must be at least 1" in refusal(
+        capsys, cifar_autoattack.get_run, ["--apgd-restarts", "0"]
+    )
+    assert "apply to autoattack" in refusal(
+        capsys, cifar_autoattack.get_run, ["--attack", "pgd-eot", "--fab-restarts", "2"]
+    )
 
 
 def test_imagenet_config_is_the_papers():

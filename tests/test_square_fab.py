@@ -261,6 +261,34 @@ def test_fab_restarts_do_not_hurt():
     assert int(more.fooled.sum()) >= int(one.fooled.sum())
 
 
+def test_untargeted_fab_restarts_extend_and_beat_a_masked_gradient():
+    """Untargeted FAB's restart r is run r = fold_in(key, r), the first from x and the others
+    from random starts (the reference's), each on the examples not yet fooled: more restarts
+    extend fewer. At x the masked model's gradient is zero, so only the random starts move."""
+    mlp = trained_mlp()
+    x, y = synthetic_data(32, seed=3)
+    eps = 0.15
+    threat = Threat("Linf", eps)
+
+    def masked(xx, key):  # within the threat, xx - x -> (xx - x)^3 / eps^2 is still inside
+        return mlp(x + (xx - x) ** 3 / eps**2, key)
+
+    runs = [
+        fab(masked, x, y, jax.random.key(1), threat=threat, targeted=False, n_iter=20, n_restarts=r)
+        for r in (1, 2, 3)
+    ]
+    counts = [int(r.fooled.sum()) for r in runs]
+    assert counts[0] == 0 and counts[2] > 16, counts
+    for fewer, more in zip(runs, runs[1:], strict=False):
+        f = np.asarray(fewer.fooled)
+        assert np.all(np.asarray(more.fooled)[f])
+        np.testing.assert_array_equal(np.asarray(more.x_adv)[f], np.asarray(fewer.x_adv)[f])
+    last = runs[-1]
+    assert bool(jnp.all(in_threat(last.x_adv, x, threat)))
+    pred = np.asarray(jnp.argmax(masked(last.x_adv, None), -1))
+    assert np.all(pred[np.asarray(last.fooled)] != np.asarray(y)[np.asarray(last.fooled)])
+
+
 # ---------------------------------------------------------------- active masks, compilation
 
 

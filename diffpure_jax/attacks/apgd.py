@@ -17,7 +17,10 @@ One run (`_single_run`) on a batch x (B, H, W, C) in [0, 1]:
   L1 (no momentum, as ref): s = sign(g) on the coordinates with the largest |g| (fraction
   `topk`, initially 0.2), x_{k+1} = x + P(x_k + eta s / ||s||_1 - x); eta starts at eps.
 * Loss, gradient and logits at each iterate: the mean over n_eot draws (`base.eot_value_and_grad`;
-  `eot_chunk` draws per vmapped call bound its memory without changing the result).
+  `eot_chunk` draws per vmapped call bound its memory without changing the result). When
+  `logits_fn` is a `base.AuxObjective` (DiffAttack's, `attacks.diffattack`), the loss of each
+  draw is the APGD loss of its logits plus the objective's own per-example term, from the same
+  forward pass; every check (clean, in-loop, re-check) still uses the logits alone.
 * Best loss point (x_best, its gradient, loss_best) updated where the loss strictly increased.
   Best adversarial point: wherever the iterate is misclassified, x_best_adv := iterate (the start
   point included), and the example counts as found.
@@ -70,6 +73,7 @@ import numpy as np
 from . import losses as _losses
 from .base import (
     AttackResult,
+    AuxObjective,
     LogitsFn,
     Threat,
     check_eot_chunk,
@@ -210,6 +214,9 @@ def _single_run(
 
     def value_and_grad(xa, k):
         def loss_fn(xx, kk):
+            if isinstance(logits_fn, AuxObjective):  # static: e.g. DiffAttack's L_dev
+                z, aux = logits_fn.logits_and_aux(xx, kk)
+                return _loss(loss_id, z, y, y_t) + aux, z
             z = logits_fn(xx, kk)
             return _loss(loss_id, z, y, y_t), z
 

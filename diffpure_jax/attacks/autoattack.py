@@ -1,9 +1,9 @@
 """AutoAttack (Croce & Hein 2020), as the reference `autoattack.AutoAttack` runs it, in JAX.
 
-Versions:
-* `standard`: APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5000 queries); 100
-  iterations, 1 restart each. For L1, as the reference: APGD-CE (5 restarts) and APGD-T (5
-  targets), both with the large-eps schedule.
+Versions (the reference's settings; every attack 100 iterations unless said):
+* `standard`: APGD-CE (1 restart), APGD-T (9 targets, 1 restart each), FAB-T (9 targets, 1
+  restart each), Square (5000 queries, 1 run). For L1, as the reference: APGD-CE (5 restarts)
+  and APGD-T (5 targets), both with the large-eps schedule.
 * `rand` (for random defenses): APGD-CE and APGD-DLR, EOT over 20 draws, 1 restart each.
 * `liu`: the protocol of Liu et al. (ICLR 2025, "Towards Understanding the Robustness of
   Diffusion-Based Purification: A Stochastic Perspective") as DiffBreak (Kassis et al.) quotes
@@ -12,7 +12,11 @@ Versions:
   `LIU_PROTOCOLS` (the CLI's `--version liu` sets them). Liu et al.'s own script runs PGD
   (20 steps of 2/255, EOT 10, no random start) and their patched AutoAttack averages 20 draws;
   which attacks DiffBreak ran under this protocol could not be checked, hence APGD-CE only.
-* `custom`: any list of the attacks in ATTACKS with the settings given.
+* `custom`: any list of the attacks in ATTACKS, with the settings the reference's
+  `AutoAttack.__init__` gives them (it calls no `set_version`): APGD-CE, APGD-DLR and the
+  untargeted FAB 5 restarts each; APGD-T and FAB-T 9 targets, 1 restart each; Square 5000
+  queries; no EOT. (The reference's `fab-t` also sets its shared FAB object's restarts to 1 for
+  good, so there a `fab` listed after `fab-t` runs 1 restart; here it keeps `fab_restarts`.)
 
 `eot_chunk` (any version) runs the EOT draws that many per vmapped call, accumulating their
 gradients (`base.eot_value_and_grad`): the memory of eot_chunk draws, the same result.
@@ -50,16 +54,17 @@ LIU_PROTOCOLS = ("one_draw", "worst_of_20", "majority_of_20", "average_of_20")
 
 @dataclasses.dataclass(frozen=True)
 class AutoAttackConfig:
-    """Which attacks run, in order, and their settings (defaults: the reference's).
+    """Which attacks run, in order, and their settings (defaults: the reference's `standard`).
 
-    n_restarts applies to APGD-CE and APGD-DLR; the targeted attacks run one restart per target
-    and Square one run, as in the reference. eot_chunk: EOT draws per vmapped call of the APGD
-    attacks (None: all n_eot at once); it bounds memory and does not change results (up to
-    float32 summation order)."""
+    n_restarts applies to APGD-CE and APGD-DLR, fab_restarts to the untargeted FAB; the targeted
+    attacks run one restart per target and Square one run, as in the reference. eot_chunk: EOT
+    draws per vmapped call of the APGD attacks (None: all n_eot at once); it bounds memory and
+    does not change results (up to float32 summation order)."""
 
     attacks: tuple[str, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")
     n_iter: int = 100
     n_restarts: int = 1
+    fab_restarts: int = 1
     n_eot: int = 1
     n_target_classes: int = 9
     n_queries: int = 5000
@@ -73,13 +78,17 @@ class AutoAttackConfig:
         if unknown or not self.attacks:
             raise ValueError(f"unknown or no attacks {unknown}; choose from {ATTACKS}")
         check_eot_chunk(self.eot_chunk, 1)  # raises unless None or a positive int
+        for name in ("n_restarts", "fab_restarts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 def autoattack_config(
     version: str = "standard", norm: str = "Linf", **overrides
 ) -> AutoAttackConfig:
     """The reference settings of an AutoAttack version, with `overrides` (for `custom`, give
-    `attacks`)."""
+    `attacks`; its restarts default to the reference constructor's 5 for APGD-CE, APGD-DLR and
+    FAB)."""
     if version == "standard":
         if norm == "L1":
             base = AutoAttackConfig(
@@ -94,7 +103,9 @@ def autoattack_config(
     elif version == "custom":
         if "attacks" not in overrides:
             raise ValueError("version 'custom' needs attacks=(...), e.g. ('apgd-ce', 'square')")
-        base = AutoAttackConfig(attacks=tuple(overrides.pop("attacks")))
+        base = AutoAttackConfig(
+            attacks=tuple(overrides.pop("attacks")), n_restarts=5, fab_restarts=5
+        )
     else:
         raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
     if "attacks" in overrides:
@@ -153,6 +164,7 @@ def run_attack(name, logits_fn, x, y, key, threat: Threat, config: AutoAttackCon
             targeted=name == "fab-t",
             n_target_classes=config.n_target_classes,
             n_iter=config.n_iter,
+            n_restarts=1 if name == "fab-t" else config.fab_restarts,
             **common,
         )
     if name == "square":

@@ -11,6 +11,7 @@ are broken).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -252,6 +253,23 @@ def eot_value_and_grad(
         sums = jax.tree.map(jnp.add, sums, chunk_sums(rest))
     loss, grad, logits = (v / n_eot for v in sums)
     return loss, grad, logits
+
+
+class AuxObjective(eqx.Module):
+    """A random classifier whose attack objective has an extra per-example term.
+
+    `obj(x, key)` -> logits (B, K), as any model; `obj.logits_and_aux(x, key)` -> (logits (B, K),
+    aux (B,)) from one forward pass. Gradient attacks that support it (`apgd.apgd`, and so
+    AutoAttack's APGD attacks) maximise loss(logits) + aux; every misclassification check uses
+    the logits alone. Implemented by DiffAttack's `attacks.diffattack.DeviatedReconstruction`."""
+
+    @abc.abstractmethod
+    def __call__(self, x: jax.Array, key: jax.Array) -> jax.Array:
+        """(B, K) logits of one draw."""
+
+    @abc.abstractmethod
+    def logits_and_aux(self, x: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """((B, K) logits, (B,) the extra objective term) of one draw."""
 
 
 class IndexedModel(eqx.Module):

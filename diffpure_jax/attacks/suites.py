@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
 from .autoattack import AutoAttackConfig, autoattack
 from .base import Threat
+from .diffattack import deviated_model
+from .diffhammer import NORMS as DIFFHAMMER_NORMS
+from .diffhammer import diffhammer
 from .pgd import bpda_eot, pgd
 from .stadv import stadv
 
@@ -41,6 +45,23 @@ def autoattack_suite(threat: Threat, config: AutoAttackConfig):
         r = autoattack(model, x, y, key, threat=threat, config=config)
         preds = {name: r.preds[j] for j, name in enumerate(config.attacks)}
         return SuiteResult(r.x_adv, preds, r.robust[-1], r.clean_pred)
+
+    return attack
+
+
+def diffattack_suite(threat: Threat, config: AutoAttackConfig, n_dev: int = 10, lam: float = 1.0):
+    """A suite running DiffAttack (`diffattack`): AutoAttack's APGD attacks of `config` (e.g.
+    `rand`: APGD-CE then APGD-DLR, EOT 20) on the classification loss plus lam times the
+    deviated-reconstruction loss at n_dev evenly spread reverse steps. The model must be a
+    defense with exact (or adjoint) gradients; its one-draw check is `one_draw`."""
+    if any(not a.startswith("apgd") for a in config.attacks):
+        raise ValueError(f"DiffAttack runs APGD attacks only, got {config.attacks}")
+    if threat.norm not in ("Linf", "L2"):
+        raise ValueError(f"DiffAttack attacks Linf or L2 threats, got {threat}")
+    base = autoattack_suite(threat, config)
+
+    def attack(model, x, y, key):
+        return base(deviated_model(model, n_dev, lam), x, y, key)
 
     return attack
 
@@ -89,3 +110,13 @@ def stadv_suite(threat: Threat, name: str = "stadv", **stadv_kwargs):
         return SuiteResult(r.x_adv, {name: pred_after}, active & ~r.fooled, clean_pred, r.grid)
 
     return attack
+
+
+def diffhammer_suite(threat: Threat, name: str = "diffhammer", **kwargs):
+    """A suite running DiffHammer (`diffhammer.diffhammer` with `kwargs`) on the points classified
+    right at one clean draw, as `pgd_suite` runs PGD; its one fresh draw at x_adv is `one_draw`.
+    The model must be a `DefendedClassifier` with exact, adjoint or bpda gradients. The whole
+    suite (clean draw, attack, check draw) is one jitted program."""
+    if threat.norm not in DIFFHAMMER_NORMS:
+        raise ValueError(f"DiffHammer attacks Linf or L2 threats, got {threat}")
+    return eqx.filter_jit(_pgd_family_suite(diffhammer, threat, name, kwargs))

@@ -11,7 +11,10 @@ Words of `--config` (comma-separated; one study, one protocol size):
   strength), `adjoint`, `exact` (AutoAttack rand), `pgd`, `pgd-final`, `bpda` and `sweep`
   (PGD-EOT at the final iterate for t* in 0.05, 0.1, 0.2, 0.3, each with the same number of
   reverse steps) and `unseen` (the paper's unseen-threat study: DiffPure with exact gradients
-  and the PGD-trained classifier under the norm word's threat, `Linf`, `L2` or `StAdv`);
+  and the PGD-trained classifier under the norm word's threat, `Linf`, `L2` or `StAdv`) and
+  `strongest` (DiffPure with exact gradients under the literature's strongest attacks, on 64
+  images: AutoAttack rand, PGD-EOT at the final iterate, DiffAttack, DiffHammer and AutoAttack
+  rand with a large EOT, each by one draw and the worst and the majority of 10 purifications);
 * the size: `reduced` (default, sized for a 2-core CPU) or `full` (the paper-size protocol).
 """
 
@@ -22,7 +25,10 @@ import dataclasses
 from experiments.attack import AttackRun
 from experiments.config import config_words, field
 
-ROWS = ("undefended", "adv-trained", "diffpure", "diffpure-exact", "diffpure-final")
+ROWS = (
+    "undefended", "adv-trained", "diffpure", "diffpure-exact", "diffpure-final",
+    "diffpure-diffattack", "diffpure-diffhammer", "diffpure-large-eot",
+)  # fmt: skip
 # The main job's rows: within 10 minutes on a 2-core CPU (diffpure-exact adds about 4 minutes).
 MAIN_ROWS = ("undefended", "adv-trained", "diffpure", "diffpure-final")
 STRICT = ("one_draw", "worst_of_10", "majority_of_10")
@@ -30,6 +36,10 @@ STRICT = ("one_draw", "worst_of_10", "majority_of_10")
 DIFFPURE_ROWS = {
     "diffpure-exact": dict(grad="exact"),
     "diffpure-final": dict(grad="exact", attack="pgd-eot-final", protocols=STRICT),
+    "diffpure-diffattack": dict(grad="exact", attack="diffattack", protocols=STRICT),
+    "diffpure-diffhammer": dict(grad="exact", attack="diffhammer", protocols=STRICT, eot=None),
+    # AutoAttack rand with the study's large EOT (`large_eot`), DiffBreak's kind of run.
+    "diffpure-large-eot": dict(grad="exact", protocols=STRICT),
 }
 
 
@@ -46,6 +56,9 @@ class FashionMnistStudy(AttackRun):
         None, help="one DiffPure row per t*, each with sweep_steps reverse steps"
     )
     sweep_steps: int = field(10, help="reverse steps of each sweep row")
+    large_eot: tuple[int, int, int] = field(
+        (128, 10, 32), help="diffpure-large-eot's EOT draws, iterations and EOT chunk"
+    )
 
 
 def _study(name: str, full: bool) -> dict:
@@ -93,19 +106,31 @@ def _study(name: str, full: bool) -> dict:
             grad="exact", protocols=STRICT, sweep_t_stars=(0.05, 0.1, 0.2, 0.3),
             sweep_steps=100 if full else 10, workdir="workdir/fmnist_sweep",
         )  # fmt: skip
+    if name == "strongest":
+        # The literature's strongest attacks on one defense, exact gradients, the same images.
+        size = (
+            dict(n_examples=512, batch_size=64, dt=1e-3, eot=20, n_iter=100)
+            if full
+            else dict(n_examples=64, batch_size=16, dt=1e-2, eot=2, n_iter=10, large_eot=(16, 5, 8))
+        )
+        return dict(
+            rows=ROWS[3:], **size, grad="exact", protocols=STRICT,
+            workdir="workdir/fmnist_strongest",
+        )  # fmt: skip
     raise AssertionError(name)
 
 
 STUDIES = (
     "main", "undefended", "adjoint", "exact", "pgd", "pgd-final", "bpda", "sweep", "unseen",
+    "strongest",
 )  # fmt: skip
 # norm -> (eps, t*); StAdv: DiffPure's flow bound 0.05 (0.7 px on a 28-pixel side), its attack.
 NORMS = {"Linf": (0.1, 0.1), "L2": (1.5, 0.1), "L1": (10.0, 0.1), "StAdv": (0.05, 0.1)}
 
 
 def get_config(arg: str = "") -> FashionMnistStudy:
-    """a study (main, undefended, adjoint, exact, pgd, pgd-final, bpda, sweep, unseen), reduced
-    or full, and a norm (Linf, L2, L1, StAdv); default main,reduced,Linf."""
+    """a study (main, undefended, adjoint, exact, pgd, pgd-final, bpda, sweep, unseen,
+    strongest), reduced or full, and a norm (Linf, L2, L1, StAdv); default main,reduced,Linf."""
     words = config_words(arg, (*STUDIES, "reduced", "full", *NORMS))
     study = ([w for w in words if w in STUDIES] or ["main"])[-1]
     norm = ([w for w in words if w in NORMS] or ["Linf"])[-1]
@@ -141,6 +166,10 @@ def study_rows(study: FashionMnistStudy) -> list[tuple[str, AttackRun]]:
                 out.append((row, dataclasses.replace(run, t_star=t, dt=t / study.sweep_steps)))
         elif row == "diffpure":
             out.append((row, run))
+        elif row == "diffpure-large-eot":
+            eot, n_iter, chunk = study.large_eot
+            changes = dict(DIFFPURE_ROWS[row], eot=eot, n_iter=n_iter, eot_chunk=chunk)
+            out.append((row, dataclasses.replace(run, **changes)))
         elif row in DIFFPURE_ROWS:
             out.append((row, dataclasses.replace(run, **DIFFPURE_ROWS[row])))
         else:
