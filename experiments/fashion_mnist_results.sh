@@ -48,6 +48,13 @@ $RUN "bpda,$SIZE"
 # Unseen threats (the paper's Table 5 study): DiffPure with exact gradients and the PGD(Linf)-
 # trained classifier, each under Linf, L2 and StAdv.
 for threat in Linf L2 StAdv; do $RUN "unseen,$SIZE,$threat"; done
+# The strongest attacks (issue 16): DiffPure with exact gradients under AutoAttack rand, PGD-EOT
+# at the final iterate, DiffAttack, DiffHammer and AutoAttack rand with a large EOT, on the same
+# 64 images, each judged by one draw and the worst and the majority of 10; then their cost.
+$RUN "strongest,$SIZE"
+STRONGEST=workdir/fmnist_strongest$([ "$SIZE" = full ] && echo _full || true)
+$PY -m experiments.reports.attack_cost --workdirs $STRONGEST/diffpure-* \
+  --out experiments/results/fashion_mnist_strongest.json
 # t* sweep: PGD-EOT (final iterate) with exact gradients, the same number of reverse steps at
 # every t* (so every point costs the same).
 $RUN "sweep,$SIZE"

@@ -4,10 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import Killed, defended_mlp, kill_at, synthetic_data
+from helpers import Killed, NoisyModel, defended_mlp, kill_at, synthetic_data, trained_mlp
 
+from diffpure_jax.attacks.apgd import apgd
 from diffpure_jax.attacks.autoattack import autoattack_config
-from diffpure_jax.attacks.base import Threat, bind_index
+from diffpure_jax.attacks.base import AuxObjective, Threat, bind_index
 from diffpure_jax.attacks.diffattack import (
     DeviatedReconstruction,
     dev_steps,
@@ -15,7 +16,7 @@ from diffpure_jax.attacks.diffattack import (
     deviated_reconstruction_loss,
 )
 from diffpure_jax.attacks.losses import cross_entropy
-from diffpure_jax.attacks.suites import autoattack_suite, diffattack_suite
+from diffpure_jax.attacks.suites import diffattack_suite
 from diffpure_jax.purify import Trajectory
 from diffpure_jax.runner import Evaluation, read_records, run_evaluation
 
@@ -41,24 +42,24 @@ def test_loss_is_the_weighted_half_mean_square():
 
 def test_objective_gradient_matches_finite_differences():
     """CE + L_dev of one draw through the exact gradient, float64, central differences."""
+    model = defended_mlp("exact")  # outside x64: the cached trained MLP is float32's
+    x, y = synthetic_data(3, seed=1)
     with jax.enable_x64(True):
-        model = defended_mlp("exact")
-        x, y = synthetic_data(3, seed=1)
         x = jnp.asarray(x, jnp.float64)
         obj = deviated_model(bind_index(model, jnp.arange(3)), n_dev=3, lam=1.0)
         key = jax.random.key(4)
 
+        @jax.jit
         def total(x):
             logits, aux = obj.logits_and_aux(x, key)
             return jnp.sum(cross_entropy(logits, y) + aux), jnp.sum(aux)
 
-        grad, aux = jax.grad(total, has_aux=True)(x)
+        grad, aux = jax.jit(jax.grad(total, has_aux=True))(x)
         assert float(aux) > 0
         h = 1e-5
-        for i in range(3):
-            d = jax.random.normal(jax.random.key(10 + i), x.shape, jnp.float64)
-            fd = (total(x + h * d)[0] - total(x - h * d)[0]) / (2 * h)
-            np.testing.assert_allclose(float(jnp.sum(grad * d)), float(fd), rtol=1e-6)
+        d = jax.random.normal(jax.random.key(10), (2, *x.shape), jnp.float64)
+        fd = jax.vmap(lambda d: (total(x + h * d)[0] - total(x - h * d)[0]) / (2 * h))(d)
+        np.testing.assert_allclose(jnp.sum(grad * d, axis=(1, 2, 3, 4)), fd, rtol=1e-6)
 
 
 def test_objective_logits_are_the_models_and_refusals():
@@ -68,8 +69,11 @@ def test_objective_logits_are_the_models_and_refusals():
     obj = deviated_model(bound, n_dev=2)
     assert obj.steps == (2, 5)
     key = jax.random.key(0)
-    np.testing.assert_allclose(obj(x, key), bound(x, key), rtol=1e-6)
-    np.testing.assert_allclose(obj.logits_and_aux(x, key)[0], bound(x, key), rtol=1e-5, atol=1e-6)
+    want, logits, (logits_aux, _) = jax.jit(
+        lambda o, b, x: (b(x, key), o(x, key), o.logits_and_aux(x, key))
+    )(obj, bound, x)
+    np.testing.assert_allclose(logits, want, rtol=1e-6)
+    np.testing.assert_allclose(logits_aux, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="use exact"):
         DeviatedReconstruction(bind_index(model.replace(grad="bpda"), jnp.arange(4)), (1,))
     with pytest.raises(ValueError, match="purified model"):
@@ -82,15 +86,32 @@ def _evaluation(suite, batch_size=8):
     return Evaluation(attack=suite, threat=THREAT, batch_size=batch_size, seed=3)
 
 
-def test_lam_zero_is_autoattack_on_the_logits():
-    """lam = 0: the same program as AutoAttack's APGD on the logits alone, the same points."""
-    model = defended_mlp("exact")
-    x, y = synthetic_data(4, seed=5)
-    bound, key = bind_index(model, jnp.arange(4)), jax.random.key(1)
-    config = autoattack_config("rand", attacks=("apgd-ce",), n_iter=3, n_eot=2)
-    plain = autoattack_suite(THREAT, config)(bound, x, y, key)
-    zero = diffattack_suite(THREAT, config, n_dev=3, lam=0.0)(bound, x, y, key)
-    np.testing.assert_allclose(zero.x_adv, plain.x_adv, atol=1e-6)
+class _Shifted(AuxObjective):
+    """A cheap AuxObjective: a noisy MLP whose objective adds c * sum(x) per example."""
+
+    model: NoisyModel
+    c: float
+
+    def __call__(self, x, key):
+        return self.model(x, key)
+
+    def logits_and_aux(self, x, key):
+        return self.model(x, key), self.c * jnp.sum(x, axis=(1, 2, 3))
+
+
+def test_apgd_maximises_loss_plus_aux():
+    """APGD on an AuxObjective: aux = 0 is APGD on the logits, point for point; a large aux
+    term (brightness) changes the points it finds."""
+    x, y = synthetic_data(6, seed=2)
+    model = NoisyModel(trained_mlp(), scale=0.5)
+    key = jax.random.key(0)
+    kw = dict(threat=THREAT, n_iter=5, n_eot=2)
+    plain = apgd(model, x, y, key, **kw)
+    zero = apgd(_Shifted(model, 0.0), x, y, key, **kw)
+    np.testing.assert_array_equal(zero.x_adv, plain.x_adv)
+    np.testing.assert_array_equal(zero.fooled, plain.fooled)
+    bright = apgd(_Shifted(model, 1e3), x, y, key, **kw)
+    assert not np.array_equal(bright.x_adv, plain.x_adv)  # the aux term steers the iterates
 
 
 def test_diffattack_lowers_accuracy_stays_in_threat_and_resumes(tmp_path):

@@ -5,7 +5,7 @@ than storing the states only (`segment-wise`), a property of the schemes.
 
 The script runs in a subprocess: importing benchmarks.common sets EQX_ON_ERROR=nan in the
 importing process, which other tests must not inherit. No timing is asserted. Six compiles take
-60-80 s on the shared 2-core CPU, hence `slow`.
+50-80 s on the shared 2-core CPU, hence `slow`.
 """
 
 import json

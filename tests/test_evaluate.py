@@ -78,3 +78,28 @@ def test_rerun_with_other_settings_refuses_and_keeps_results(tmp_path):
         run_evaluation(_evaluation(eps="other"), *args, False)
     assert (tmp_path / "records.jsonl").read_text() == before
     assert json.loads((tmp_path / "run_config.json").read_text()) == {"test": 1}
+
+
+def test_timings_per_batch_and_the_cost_report(tmp_path, capsys):
+    """Each batch's wall time goes to timings.jsonl (not the records); a resumed sitting's first
+    batch is marked, and the cost per example leaves the first batches out."""
+    from helpers import problem
+
+    from diffpure_jax.runner import read_timings, seconds_per_example
+    from experiments.reports import attack_cost
+
+    evaluation, model, x, y, index = problem(n=9, batch_size=3)
+    workdir = str(tmp_path / "run")
+    with pytest.raises(Killed):
+        run_evaluation(evaluation, model, x, y, index, workdir, False, kill_at(1))
+    run_evaluation(evaluation, model, x, y, index, workdir, False)
+    timings = read_timings(workdir)
+    assert [(t["batch"], t["first"], t["examples"]) for t in timings] == [
+        (0, True, 3), (1, False, 3), (2, True, 3),
+    ]  # fmt: skip
+    assert all(t["seconds"] > 0 for t in timings)
+    assert seconds_per_example(workdir) == pytest.approx(timings[1]["seconds"] / 3)
+    assert not any("seconds" in r for r in read_records(workdir))
+    rows = attack_cost.main(["--workdirs", workdir])
+    assert rows[0]["robust_accuracy"].keys() == {"one_draw", "majority_of_3"}
+    assert "| majority_of_3 (%) | one_draw (%) | s / example |" in capsys.readouterr().out

@@ -115,7 +115,7 @@ def _study(name: str, full: bool) -> dict:
         )
         return dict(
             rows=ROWS[3:], **size, grad="exact", protocols=STRICT,
-            workdir="workdir/fmnist_strongest",
+            workdir="workdir/fmnist_strongest" + ("_full" if full else ""),
         )  # fmt: skip
     raise AssertionError(name)
 
