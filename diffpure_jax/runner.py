@@ -259,6 +259,8 @@ def _run_batch(evaluation, protocols, model, xb, yb, real, key, workdir, b):
     result = evaluation.attack(model, xb, yb, k_attack)
     x_adv, attack_preds, clean_pred = result.x_adv, result.attack_preds, result.clean_pred
     scores = {}
+    for name, score in (result.attack_scores or {}).items():
+        scores[name] = score  # the attack's own scoring, e.g. DiffHammer's N-evaluation
     for kind, n_draws in protocols:
         if kind == "one_draw":
             scores["one_draw"] = result.robust

@@ -280,3 +280,12 @@ def test_diffhammer_suite_resumes_through_the_runner(tmp_path):
     assert full == resumed
     assert full["robust_accuracy"]["one_draw"] < full["clean_accuracy"]
     assert full["max_linf"] <= 0.12 + 1e-6
+    # The attack's own N-evaluation scores are recorded next to the protocols': its Wor.Rob
+    # (any draw at any iterate) is at most its Avg.Rob, and 0 where the clean draw was wrong.
+    robust = full["robust_accuracy"]
+    assert {"diffhammer_average_of_2", "diffhammer_worst_of_2"} <= set(robust)
+    assert robust["diffhammer_worst_of_2"] <= robust["diffhammer_average_of_2"]
+    for r in by_index("full"):
+        if r["clean_pred"] != r["label"]:
+            assert not r["robust"]["diffhammer_worst_of_2"]
+            assert r["robust"]["diffhammer_average_of_2"] == 0.0

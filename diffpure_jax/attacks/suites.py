@@ -29,13 +29,16 @@ class SuiteResult(NamedTuple):
     the prediction of one draw after each attack (cumulative); robust: (B,) bool, robust under
     the suite's own check (the `one_draw` protocol); clean_pred: (B,) int, one clean draw;
     grid: (B, H, W, 2) the sampling grid of a spatial threat (StAdv: x_adv is `grid_sample(x,
-    grid)`, and the runner checks the grid's bound), None for an Lp threat."""
+    grid)`, and the runner checks the grid's bound), None for an Lp threat; attack_scores:
+    {name: (B,) bool or float} robustness as the attack itself scores it during the attack
+    (DiffHammer's N-evaluation), recorded next to the protocols' scores, or None."""
 
     x_adv: jax.Array
     attack_preds: dict[str, jax.Array]
     robust: jax.Array
     clean_pred: jax.Array
     grid: jax.Array | None = None
+    attack_scores: dict[str, jax.Array] | None = None
 
 
 def autoattack_suite(threat: Threat, config: AutoAttackConfig):
@@ -115,8 +118,28 @@ def stadv_suite(threat: Threat, name: str = "stadv", **stadv_kwargs):
 def diffhammer_suite(threat: Threat, name: str = "diffhammer", **kwargs):
     """A suite running DiffHammer (`diffhammer.diffhammer` with `kwargs`) on the points classified
     right at one clean draw, as `pgd_suite` runs PGD; its one fresh draw at x_adv is `one_draw`.
-    The model must be a `DefendedClassifier` with exact, adjoint or bpda gradients. The whole
-    suite (clean draw, attack, check draw) is one jitted program."""
+    Its own N-evaluation scores come back as `attack_scores`: `diffhammer_average_of_N` (1 - the
+    best fraction of the N draws misclassified at any iterate: its Avg.Rob) and
+    `diffhammer_worst_of_N` (no draw misclassified at any iterate: its Wor.Rob), 0 / False for
+    the points the clean draw got wrong. The model must be a `DefendedClassifier` with exact,
+    adjoint or bpda gradients. The whole suite (clean draw, attack, check draw) is one jitted
+    program."""
     if threat.norm not in DIFFHAMMER_NORMS:
         raise ValueError(f"DiffHammer attacks Linf or L2 threats, got {threat}")
-    return eqx.filter_jit(_pgd_family_suite(diffhammer, threat, name, kwargs))
+    n_eval = kwargs.get("n_eval", 10)
+
+    @eqx.filter_jit
+    def attack(model, x, y, key):
+        k_clean, k_attack, k_check = jax.random.split(key, 3)
+        clean_pred = jnp.argmax(model(x, k_clean), -1)
+        active = clean_pred == y
+        r = diffhammer(model, x, y, k_attack, threat=threat, active=active, **kwargs)
+        pred_after = jnp.argmax(model(r.x_adv, k_check), -1)
+        scores = {
+            f"diffhammer_average_of_{n_eval}": jnp.where(active, 1.0 - r.avg_success, 0.0),
+            f"diffhammer_worst_of_{n_eval}": active & ~r.any_success,
+        }
+        robust = active & ~r.fooled
+        return SuiteResult(r.x_adv, {name: pred_after}, robust, clean_pred, None, scores)
+
+    return attack
