@@ -27,6 +27,10 @@ Gradients are taken with respect to the input only, never the network parameters
 
 DiffPure's CelebA-HQ path (DDPM ancestral steps, not an SDE solve) is `ddpm.DDPMPurifier`,
 behind the same interface (`AbstractPurifier`).
+
+`purify_trajectory` / `Purifier.trajectory` return the same purification with the reverse
+solve's states at chosen steps (a `Trajectory`), from the same solve and in every gradient mode:
+the access attack losses on intermediate states need (DiffAttack, `attacks.diffattack`).
 """
 
 from __future__ import annotations
