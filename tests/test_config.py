@@ -195,6 +195,27 @@ def test_fashion_mnist_variants():
     assert (l2.norm, l2.eps) == ("L2", 1.5)
 
 
+def test_strongest_attacks_study():
+    """Five attacks on one defense, exact gradients, the same 64 images and three protocols."""
+    for full in (False, True):
+        rows = dict(fmnist.study_rows(fmnist.get_config("strongest,full" if full else "strongest")))
+        assert list(rows) == [
+            "diffpure-exact", "diffpure-final", "diffpure-diffattack", "diffpure-diffhammer",
+            "diffpure-large-eot",
+        ]  # fmt: skip
+        assert [r.attack for r in rows.values()] == [
+            "autoattack", "pgd-eot-final", "diffattack", "diffhammer", "autoattack",
+        ]  # fmt: skip
+        for run in rows.values():
+            assert run.grad == "exact" and run.defense == "diffpure" and run.norm == "Linf"
+            assert run.protocols == ("one_draw", "worst_of_10", "majority_of_10")
+            assert (run.n_examples, run.eps) == ((512, 0.1) if full else (64, 0.1))
+        large = rows["diffpure-large-eot"]
+        assert (large.eot, large.n_iter, large.eot_chunk) == ((128, 10, 32) if full else (16, 5, 8))
+        assert rows["diffpure-diffhammer"].eot is None
+        assert len({run_dir("w", r, run) for r, run in rows.items()}) == 5
+
+
 # The command lines of the results script before its studies became configs (reduced | full).
 _N = ("--n-examples 32 --batch-size 16", "--n-examples 512 --batch-size 64")
 _DIFF = (
