@@ -71,10 +71,9 @@ split over the local devices (`sharding.run_sharded`, as the evaluation runner d
 samples stay batched per chunk on each device. Memory: one chunk holds B * batch (times R for
 DensePure) images' activations.
 
-The statistics are host-side float64 functions of the counts, with no scipy:
-`clopper_pearson_lower` (bisection on the regularised incomplete beta function, a continued
-fraction), `binomial_test_pvalue` (two-sided, p = 1/2, as scipy.stats.binomtest) and
-`normal_ppf` (the standard library's `statistics.NormalDist`).
+The statistics are host-side float64 functions of the counts, on `scipy.stats` (a dependency
+of jax): `clopper_pearson_lower` (the Beta quantile), `binomial_test_pvalue` (two-sided,
+p = 1/2, `binomtest`) and `normal_ppf`.
 
 Usage:
 
@@ -105,7 +104,6 @@ import functools
 import json
 import math
 import os
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -114,6 +112,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
 
 from . import noise, sharding
 from .classifier import Classifier
@@ -153,97 +152,16 @@ DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 
 
 # Stirling's series of lgamma(x) - ((x - 1/2) log x - x + log(2 pi) / 2): B_2k / (2k (2k - 1)).
-_STIRLING = (
-    1 / 12,
-    -1 / 360,
-    1 / 1260,
-    -1 / 1680,
-    1 / 1188,
-    -691 / 360360,
-    1 / 156,
-    -3617 / 122400,
-)
-_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
-
-
-def _lgamma_correction(x: float) -> float:
-    """lgamma(x) - Stirling's formula, for x >= 10 (to about 1e-17)."""
-    inv, inv2 = 1.0 / x, 1.0 / (x * x)
-    return sum(c * inv * inv2**i for i, c in enumerate(_STIRLING))
-
-
-def _log_beta(a: float, b: float) -> float:
-    """log B(a, b), without the cancellation of lgamma(a) + lgamma(b) - lgamma(a + b) for large
-    arguments (R's `lbeta`)."""
-    p, q = min(a, b), max(a, b)
-    if p >= 10:
-        corr = _lgamma_correction(p) + _lgamma_correction(q) - _lgamma_correction(p + q)
-        return (
-            -0.5 * math.log(q)
-            + _LOG_SQRT_2PI
-            + corr
-            + (p - 0.5) * math.log(p / (p + q))
-            + q * math.log1p(-p / (p + q))
-        )
-    if q >= 10:
-        corr = _lgamma_correction(q) - _lgamma_correction(p + q)
-        return (
-            math.lgamma(p) + corr + p - p * math.log(p + q) + (q - 0.5) * math.log1p(-p / (p + q))
-        )
-    return math.lgamma(p) + math.lgamma(q) - math.lgamma(p + q)
-
-
-def _beta_continued_fraction(a: float, b: float, x: float) -> float:
-    """The continued fraction of I_x(a, b) (modified Lentz), for x < (a + 1) / (a + b + 2)."""
-    tiny, eps = 1e-300, 1e-16
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 1_000_000):
-        m2 = 2 * m
-        for aa in (
-            m * (b - m) * x / ((qam + m2) * (a + m2)),
-            -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2)),
-        ):
-            d = 1.0 + aa * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + aa / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < eps:
-            return h
-    raise RuntimeError(f"incomplete beta I_{x}({a}, {b}) did not converge")
-
-
-def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
-    """I_x(a, b), the regularised incomplete beta function (the Beta(a, b) CDF at x), float64."""
-    if not (a > 0 and b > 0):
-        raise ValueError(f"I_x(a, b) needs a, b > 0, got {a}, {b}")
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(a * math.log(x) + b * math.log1p(-x) - _log_beta(a, b))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _beta_continued_fraction(a, b, x) / a
-    return 1.0 - front * _beta_continued_fraction(b, a, 1.0 - x) / b
-
-
 def binomial_upper_tail(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Bin(n, p): I_p(k, n - k + 1) (1 for k <= 0, 0 for k > n)."""
-    if k <= 0:
-        return 1.0
-    if k > n:
-        return 0.0
-    return regularized_incomplete_beta(float(k), float(n - k + 1), p)
+    """P(X >= k) for X ~ Bin(n, p) (1 for k <= 0, 0 for k > n)."""
+    return float(scipy.stats.binom.sf(int(k) - 1, int(n), float(p)))
 
 
 def clopper_pearson_lower(k: int, n: int, alpha: float = 0.001) -> float:
     """The one-sided (1 - alpha) Clopper-Pearson lower confidence bound of a binomial proportion
-    from k successes in n trials: the p with P(Bin(n, p) >= k) = alpha, i.e. the alpha quantile
-    of Beta(k, n - k + 1) (Cohen et al.'s `proportion_confint(k, n, 2 alpha, "beta")[0]`).
-    0 for k = 0; alpha^(1/n) for k = n (closed form); else bisection to float64 resolution."""
+    from k successes in n trials: the alpha quantile of Beta(k, n - k + 1), the p with
+    P(Bin(n, p) >= k) = alpha (Cohen et al.'s `proportion_confint(k, n, 2 alpha, "beta")[0]`);
+    0 for k = 0."""
     k, n = int(k), int(n)
     if not 0 <= k <= n or n < 1:
         raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
@@ -251,43 +169,27 @@ def clopper_pearson_lower(k: int, n: int, alpha: float = 0.001) -> float:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     if k == 0:
         return 0.0
-    if k == n:
-        return alpha ** (1.0 / n)
-    lo, hi = 0.0, k / n  # the bound is below the point estimate for alpha < 1/2
-    if binomial_upper_tail(k, n, hi) < alpha:
-        hi = 1.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if mid in (lo, hi):
-            break
-        if binomial_upper_tail(k, n, mid) < alpha:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return float(scipy.stats.beta.ppf(alpha, k, n - k + 1))
 
 
 def binomial_test_pvalue(k: int, n: int) -> float:
-    """The two-sided p-value of k successes in n trials against Bin(n, 1/2), as
-    `scipy.stats.binomtest(k, n, 0.5).pvalue`: min(1, 2 P(X >= max(k, n - k))); 1 for a tie."""
+    """The two-sided p-value of k successes in n trials against Bin(n, 1/2)
+    (`scipy.stats.binomtest`); 1 for a tie or n = 0."""
     k, n = int(k), int(n)
     if not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
     if n == 0 or 2 * k == n:
         return 1.0
-    return min(1.0, 2.0 * binomial_upper_tail(max(k, n - k), n, 0.5))
-
-
-_NORMAL = statistics.NormalDist()
+    return float(scipy.stats.binomtest(k, n, 0.5).pvalue)
 
 
 def normal_ppf(p: float) -> float:
-    """Phi^-1(p), the standard normal quantile (statistics.NormalDist, Wichura's AS241)."""
-    return _NORMAL.inv_cdf(float(p))
+    """Phi^-1(p), the standard normal quantile."""
+    return float(scipy.stats.norm.ppf(float(p)))
 
 
 def normal_cdf(z: float) -> float:
-    return _NORMAL.cdf(float(z))
+    return float(scipy.stats.norm.cdf(float(z)))
 
 
 class PredictResult(NamedTuple):
