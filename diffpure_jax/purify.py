@@ -469,9 +469,19 @@ def trajectory_with_keys(
 ) -> Trajectory:
     """`purify_with_keys` with the reverse solve's states at `steps` (a `Trajectory`; one solve).
 
-    steps: strictly increasing step indices in [0, n_steps] (a static tuple)."""
+    steps: strictly increasing step indices in [0, n_steps] (a static tuple).
+
+    The images are checked here (at once when concrete), then the purification is one compiled
+    program (`equinox.filter_jit`, keyed by the config, the steps and the shapes): called
+    outside `jax.jit`, a second call with the same shapes does not recompile the solver (diffrax
+    builds new terms on each call, which a bare eager call would trace and compile again)."""
     x = check_images(x, input_shape(score, config))
     steps = check_steps(steps, config.n_steps)
+    return _trajectory(score, config, x, keys, steps, reverse_keys)
+
+
+@eqx.filter_jit
+def _trajectory(score, config, x, keys, steps, reverse_keys) -> Trajectory:
     x_in = resize_bilinear(x, score.image_shape[:2])
     eps = noise.forward_noise(keys, x_in.shape[1:], x.dtype)
     x_t = score.sde.diffuse(2.0 * x_in - 1.0, eps, config.t_star, config.forward_schedule)
