@@ -55,6 +55,12 @@ $RUN "strongest,$SIZE"
 STRONGEST=workdir/fmnist_strongest$([ "$SIZE" = full ] && echo _full || true)
 $PY -m experiments.reports.attack_cost --workdirs $STRONGEST/diffpure-* \
   --out experiments/results/fashion_mnist_strongest.json
+# Certified robustness: diffusion denoised smoothing of the shipped models at sigma 0.25 and 0.5.
+CERTIFY="$PY -m experiments.certify --no-progress --config"
+for sigma in 0.25 0.5; do $CERTIFY "fmnist,$SIZE,sigma$sigma"; done
+CERT_ROOT=workdir/fmnist_certify
+$PY -m experiments.reports.certify_curve --workdirs $CERT_ROOT/certify-* \
+  --json experiments/results/fashion_mnist_certified.json
 # t* sweep: PGD-EOT (final iterate) with exact gradients, the same number of reverse steps at
 # every t* (so every point costs the same).
 $RUN "sweep,$SIZE"
