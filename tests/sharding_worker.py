@@ -19,6 +19,8 @@ import numpy as np  # noqa: E402
 from helpers import TRACES, gaussian_score, problem  # noqa: E402
 
 from diffpure_jax import PurifyConfig, purify, sharding  # noqa: E402
+from diffpure_jax.certify import count_samples, smoothed_classifier  # noqa: E402
+from diffpure_jax.classifier import Classifier  # noqa: E402
 from diffpure_jax.runner import read_records, run_evaluation  # noqa: E402
 
 
@@ -71,6 +73,17 @@ def main(out_path: str) -> None:
     for batch, idx in ((x7, np.arange(7)), (x7[:6] * 0.5, np.arange(10, 16))):
         sharding.run_sharded(fresh, batch, score, mesh=mesh8, index=idx)
     report["purify_traces_two_batches"] = len(traces)
+
+    # Certification: the noise counts of a denoised smoothed classifier, 5 images padded to 8
+    # over 8 devices vs 1 device.
+    weights = jax.random.normal(jax.random.key(5), (4 * 4 * 3, 3))
+    classifier = Classifier(weights, lambda w, x: x.reshape(x.shape[0], -1) @ w, (4, 4, 3))
+    smoothed = smoothed_classifier(classifier, 0.25, denoiser=score)
+    counts = [
+        count_samples(smoothed, x, key, index, n=40, batch=16, mesh=mesh) for mesh in (mesh1, mesh8)
+    ]
+    report["certify_counts"] = compare(counts[0], counts[1])
+    report["certify_counts_total"] = int(counts[1].sum())
 
     # The runner end to end (PGD-EOT against a noisy MLP): 8 devices (batches of 5 padded to 8)
     # vs 1 device (no padding).

@@ -61,6 +61,8 @@ def test_eight_devices_equal_one_device(tmp_path):
     # purify (batch 5 padded to 8) and its exact gradient: bit-identical to unsharded.
     for name in ("purify", "grad"):
         assert report[name]["equal"], (name, report[name])
+    # Certification counts (denoised smoothing, 5 images padded to 8): equal to 1 device.
+    assert report["certify_counts"]["equal"] and report["certify_counts_total"] == 5 * 40
     # Two different batches of the same padded shape: one trace.
     assert report["purify_traces_two_batches"] == 1
     # The runner: no retrace after the first batch; records, summary and adv/ bit-identical.
