@@ -149,8 +149,8 @@ def test_bpda_attack_takes_bpda_gradients():
 def test_fashion_mnist_main_rows():
     study = fashion_mnist_autoattack.get_study([])
     assert study.rows == fmnist.MAIN_ROWS
-    study = fashion_mnist_autoattack.get_study(["--rows", *fmnist.ROWS])
-    rows = fmnist.study_rows(study)
+    study = fashion_mnist_autoattack.get_study(["--rows", *fmnist.ROWS[:5]])
+    rows = fmnist.study_rows(study)  # (ROWS[5:] are the strongest-attacks study's own rows)
     assert [r for r, _ in rows] == [
         "undefended", "adv-trained", "diffpure", "diffpure-exact", "diffpure-final",
     ]  # fmt: skip
