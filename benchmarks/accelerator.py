@@ -57,11 +57,11 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from diffpure_jax import Classifier, DefendedClassifier, Purifier, PurifyConfig  # noqa: E402
+from diffpure_jax import DefendedClassifier, Purifier, PurifyConfig  # noqa: E402
 
 GB = 1e9
 CAPACITIES = {"80 GB": 80 * GB, "141 GB": 141 * GB}  # nominal, decimal: below the physical size
-TINY_SCORE = {"nf": 8, "ch_mult": (1,), "num_res_blocks": 1, "attn_resolutions": ()}  # 10,883
+TINY_SCORE = common.MODELS["tiny"]  # 10,883 params
 PRESETS = {
     "full": {
         "batches": "16,64,256",
@@ -132,30 +132,20 @@ def parse_args(argv=None):
 def build(tiny: bool, depth_widen: tuple[int, int], abstract: bool, seed: int = 0):
     """(ScoreModel, Classifier): NCSN++ (full or tiny) and a WRN; random or abstract weights."""
     from diffpure_jax.convert.score_sde import SDE, abstract_variables, architecture
-    from diffpure_jax.models import build_model
     from diffpure_jax.models.ncsnpp import NCSNpp
     from diffpure_jax.score import ScoreModel, eps_continuous_score_fn
     from diffpure_jax.sde import VPSDE
 
     kwargs = architecture(**(TINY_SCORE if tiny else common.MODELS["full"]))
     variables = abstract_variables(kwargs)
-    depth, widen = depth_widen
-    wrn = build_model("wideresnet", {"depth": depth, "widen_factor": widen, "num_classes": 10})
-    cvars = jax.eval_shape(wrn.init, jax.random.key(0), jnp.zeros((1, *common.IMAGE_SHAPE)))
     if not abstract:
         variables = common.random_variables(variables, seed)
-        cvars = common.random_variables(cvars, seed + 1)
-        # Batch-norm variances must be positive (random_variables draws 1-D arrays ~ N(0, .01)).
-        cvars = jax.tree_util.tree_map_with_path(
-            lambda path, v: jnp.ones_like(v) if getattr(path[-1], "key", None) == "var" else v,
-            cvars,
-        )
     sde = VPSDE(**SDE)
     module = NCSNpp(**kwargs)
     score = ScoreModel(
         variables, eps_continuous_score_fn(module.apply, sde), sde, common.IMAGE_SHAPE
     )
-    return score, Classifier(cvars, wrn.apply, common.IMAGE_SHAPE)
+    return score, common.random_classifier(*depth_widen, seed=seed + 1, abstract=abstract)
 
 
 def defended(models, config: PurifyConfig) -> DefendedClassifier:

@@ -50,6 +50,7 @@ REFERENCE = Path(os.environ.get("DIFFPURE_REFERENCE_DIR", REPO.parent / "shared"
 MODELS = {
     "small": {"nf": 16, "num_res_blocks": 2},
     "full": {},  # CIFAR10_DDPMPP_DEEP_CONTINUOUS as is
+    "tiny": {"nf": 8, "ch_mult": (1,), "num_res_blocks": 1, "attn_resolutions": ()},  # 10,883
 }
 IMAGE_SHAPE = (32, 32, 3)
 MB = 1e6
@@ -96,8 +97,27 @@ def random_score(size: str = "small", seed: int = 0, **overrides):
     return ScoreModel(variables, eps_continuous_score_fn(module.apply, sde), sde, IMAGE_SHAPE)
 
 
+def random_classifier(depth: int = 28, widen: int = 10, seed: int = 1, abstract: bool = False):
+    """A CIFAR-10 WideResNet-depth-widen `Classifier` with random weights (`random_variables`,
+    batch-norm variances 1), or abstract ones (`jax.ShapeDtypeStruct`, nothing allocated)."""
+    from diffpure_jax import Classifier
+    from diffpure_jax.models import build_model
+
+    wrn = build_model("wideresnet", {"depth": depth, "widen_factor": widen, "num_classes": 10})
+    cvars = jax.eval_shape(wrn.init, jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE)))
+    if not abstract:
+        cvars = random_variables(cvars, seed)
+        # Batch-norm variances must be positive (random_variables draws 1-D arrays ~ N(0, .01)).
+        cvars = jax.tree_util.tree_map_with_path(
+            lambda path, v: jnp.ones_like(v) if getattr(path[-1], "key", None) == "var" else v,
+            cvars,
+        )
+    return Classifier(cvars, wrn.apply, IMAGE_SHAPE)
+
+
 def default_checkpoints(n: int) -> int:
-    """equinox.internal.checkpointed_while_loop's default (diffrax's checkpoints=None)."""
+    """equinox.internal.checkpointed_while_loop's own default number of stored states
+    (floor(sqrt(2 n + 1/4) - 1/2); the library's default until 2026-12, now n)."""
     import math
 
     return 1 if n == 1 else min(n, math.floor(-1.5 + math.sqrt(2 * n + 0.25)) + 1)

@@ -1,13 +1,14 @@
 """Time and memory of one DiffPure purification and its input gradient, per Brownian path and
 gradient mode (the reference small NCSN++, batch of 32x32x3 images, t_star=0.1, dt=1e-3).
 
-Cases (`--list`): one score-network call and its VJP (the per-step unit cost), that VJP 10 times
-in a `lax.scan` and unrolled; `purify` forward, and the gradient of sum(w * purify(x)) in x, for
-the Brownian paths 'grid' and 'tree' and the gradient modes 'exact' (checkpoints=None or n_steps)
-and 'adjoint'. Each case is compiled and timed with `common.compile_fn` / `common.time_compiled`,
-and also records the first-call time, XLA's memory analysis and the increase of the process peak
-RSS. Each case runs in a fresh subprocess (unless --no-isolate), so that one case's peak RSS and
-compilation caches do not carry over; a case disturbed by other processes is retried.
+Cases (`--list`): one score-network call and its VJP (the per-step unit cost), that VJP 10 times in
+a `lax.scan` and unrolled; `purify` forward, and the gradient of sum(w * purify(x)) in x, for the
+Brownian paths 'grid' and 'tree' and the gradient modes 'exact' (every state kept, the default, or
+equinox's sqrt(2 n_steps) states) and 'adjoint'. Each case is compiled and timed with
+`common.compile_fn` / `common.time_compiled`, and also records the first-call time, XLA's memory
+analysis and the increase of the process peak RSS. Each case runs in a fresh subprocess (unless
+--no-isolate), so that one case's peak RSS and compilation caches do not carry over; a case
+disturbed by other processes is retried.
 
     python -m benchmarks.purify_cpu                  # all cases, writes results/purify_cpu.json
     python benchmarks/purify_cpu.py --cases forward-grid,grad-exact-grid --repeats 1
@@ -39,7 +40,8 @@ DEFAULT_OUT = common.RESULTS / "purify_cpu.json"
 
 
 def _cases() -> dict[str, dict]:
-    """name -> case. checkpoints 'n_steps' means checkpoints = config.n_steps."""
+    """name -> case. ckpt None: the library's default (every state); 'sqrt': equinox's own
+    default, floor(sqrt(2 n_steps + 1/4) - 1/2) states (the library's default before 2026-12)."""
     cases = {
         # One score-network evaluation on the batch, and its VJP in x: the per-step unit cost.
         "score-net-forward": dict(mode="score", brownian=None, grad=None, ckpt=None),
@@ -54,8 +56,8 @@ def _cases() -> dict[str, dict]:
         cases[f"forward-{path}"] = dict(mode="forward", brownian=path, grad="exact", ckpt=None)
     for path in ("grid", "tree"):
         cases[f"grad-exact-{path}"] = dict(mode="grad", brownian=path, grad="exact", ckpt=None)
-        cases[f"grad-exact-ckpt{{n}}-{path}"] = dict(
-            mode="grad", brownian=path, grad="exact", ckpt="n_steps"
+        cases[f"grad-exact-sqrt-{path}"] = dict(
+            mode="grad", brownian=path, grad="exact", ckpt="sqrt"
         )
         cases[f"grad-adjoint-{path}"] = dict(mode="grad", brownian=path, grad="adjoint", ckpt=None)
     return cases
@@ -109,7 +111,7 @@ def run_case(name: str, case: dict, args: argparse.Namespace) -> dict:
         dt=args.dt,
         brownian=case["brownian"] or "grid",
         grad=case["grad"] or "exact",
-        checkpoints=n_steps if case["ckpt"] == "n_steps" else case["ckpt"],
+        checkpoints=common.default_checkpoints(n_steps) if case["ckpt"] == "sqrt" else None,
     )
     x, w, key = common.inputs(args.batch, args.seed, score.image_shape)
     fn, call_args = _program(case, cfg, score, x, w, key, args.t_star)
@@ -121,7 +123,7 @@ def run_case(name: str, case: dict, args: argparse.Namespace) -> dict:
         "mode": case["mode"],
         "brownian": cfg.brownian if is_solve else None,
         "grad": cfg.grad if case["mode"] == "grad" else None,
-        "checkpoints": cfg.checkpoints if case["mode"] == "grad" else None,
+        "checkpoints": cfg.n_checkpoints if case["mode"] == "grad" else None,
         "n_steps": cfg.n_steps if is_solve else None,
         "loadavg_before": os.getloadavg()[0],
     }

@@ -15,9 +15,9 @@ has the project's gradient modes (`DDPMConfig.grad`):
 
 * `exact` (default): the exact gradient of the sampled chain, the same noise replayed. The steps
   run in `equinox.internal.scan(kind="checkpointed")` (the recursive checkpointing diffrax's
-  RecursiveCheckpointAdjoint uses): `checkpoints` states are kept (default None: about
-  sqrt(2 n), 31 of 500) and the rest recomputed; one step's network activations are live at a
-  time, never the whole chain's. Memory: benchmarks/ddpm_cost.py.
+  RecursiveCheckpointAdjoint uses): `checkpoints` states are kept (default: all n, so no step
+  is recomputed; fewer are recomputed from the nearest kept one); one step's network activations
+  are live at a time, never the whole chain's. Memory: benchmarks/ddpm_cost.py.
 * `bpda`: identity in the backward pass; `blind`: no gradient (as `purify.py`).
 * `adjoint` is refused: it is the continuous adjoint of the VP-SDE, which this discrete chain
   does not have.
@@ -165,9 +165,11 @@ class DDPMConfig:
     Attributes:
       t_star: in (0, 1]; the chain starts at step n = t_star * num_timesteps (an integer; 500).
       grad: gradient mode, one of DDPM_GRAD_MODES ('adjoint' is refused: no continuous adjoint).
-      checkpoints: states the `exact` gradient keeps (equinox's recursive checkpointing). None:
-        equinox's default, floor(sqrt(2 n + 1/4) - 1/2) (31 for 500 steps); n: every state
-        stored, each step's network recomputed once in the backward pass. Values above n act as n.
+      checkpoints: states the `exact` gradient keeps (equinox's recursive checkpointing). None
+        (default): every state, so each step's network runs once more in the backward pass and
+        no forward step is recomputed (faster and, at CIFAR-10 and CelebA-HQ sizes, less memory
+        than equinox's own sqrt(2 n) default: benchmarks/README.md, "Choosing the
+        checkpoints"). An integer k < n keeps k states; values above n act as n.
       input_size: side of the square images taken and returned when it differs from the
         network's; resized bilinearly (`resize.resize_bilinear`) to the network's size before
         diffusion and back after the chain. None (CelebA-HQ): no resizing.
@@ -189,10 +191,13 @@ class DDPMConfig:
         if self.grad not in DDPM_GRAD_MODES:
             raise ValueError(f"grad must be one of {DDPM_GRAD_MODES}, got {self.grad!r}.")
         if self.checkpoints is not None and (
-            int(self.checkpoints) != self.checkpoints or self.checkpoints < 1
+            isinstance(self.checkpoints, bool)
+            or int(self.checkpoints) != self.checkpoints
+            or self.checkpoints < 1
         ):
             raise ValueError(
-                f"checkpoints must be None or an integer >= 1, got {self.checkpoints}."
+                f"checkpoints must be None (every state) or an integer >= 1, got "
+                f"{self.checkpoints!r}."
             )
         if self.input_size is not None and self.input_size < 1:
             raise ValueError(
@@ -273,18 +278,19 @@ def ddpm_chain(
 
     eps_fn(x, t) the network; noise_fn(i) gives z_i (called inside the loop, so noise is drawn
     per step and replayed when the checkpointed backward pass recomputes a step). Reverse-mode
-    differentiable with memory sublinear in n_steps (`checkpoints` states kept).
+    differentiable; `checkpoints` states are kept (None: all n_steps), one step's network
+    activations at a time.
 
     steps: strictly increasing counts k in [0, n_steps] of steps taken; when given, returns
     (x_0, states (S, B, H, W, C)), the state after k steps (k = 0: x_t), kept in a buffer of the
-    loop's carry (differentiable like x_0)."""
+    loop (written in place, not copied into every checkpoint; differentiable like x_0)."""
     slot = np.full(n_steps + 1, -1, np.int32)
     slot[list(steps)] = np.arange(len(steps))
     slot = jnp.asarray(slot)
 
     def keep(buf, x, k):
         s = slot[k]
-        return jnp.where(s >= 0, buf.at[jnp.maximum(s, 0)].set(x), buf)
+        return eqxi.buffer_at_set(buf, jnp.maximum(s, 0), x, pred=s >= 0)
 
     def body(carry, i):
         x, buf = carry
@@ -295,9 +301,15 @@ def ddpm_chain(
     if steps:
         buf = keep(buf, x_t, 0)
     ks = jnp.arange(n_steps - 1, -1, -1, dtype=jnp.int32)
-    if checkpoints is not None:
-        checkpoints = min(int(checkpoints), n_steps)
-    (x_0, buf), _ = eqxi.scan(body, (x_t, buf), ks, kind="checkpointed", checkpoints=checkpoints)
+    checkpoints = n_steps if checkpoints is None else min(int(checkpoints), n_steps)
+    (x_0, buf), _ = eqxi.scan(
+        body,
+        (x_t, buf),
+        ks,
+        kind="checkpointed",
+        checkpoints=checkpoints,
+        buffers=(lambda carry: carry[1]) if steps else None,
+    )
     return (x_0, buf) if steps else x_0
 
 

@@ -9,8 +9,8 @@ Gradient modes (`PurifyConfig.grad`), named the same everywhere in the project:
 
 * `exact` (default): the exact gradient of the discrete sampled path (discretise-then-optimise),
   the same noise replayed. diffrax's RecursiveCheckpointAdjoint keeps `checkpoints` states
-  (default None: about sqrt(2 n_steps), so memory is sublinear in the number of steps; the
-  network's activations are recomputed step by step, never stored for the whole path).
+  (default: every state, n_steps images per example; no forward step is recomputed) and the
+  network's activations are recomputed step by step, never stored for the whole path.
 * `adjoint`: the continuous adjoint (optimise-then-discretise) as torchsde's `sdeint_adjoint` gives
   the paper: the state is reconstructed backwards in time with the same Brownian increments and the
   adjoint integrated with Euler, both evaluated at the right end of each step. (torchsde's default
@@ -80,9 +80,12 @@ class PurifyConfig:
       forward_schedule: 'discrete' (paper-exact DDPM alpha_bar) or 'continuous'.
       probability_flow: solve the probability-flow ODE instead of the reverse SDE.
       brownian: 'grid' (default, fast) or 'tree' (diffrax VirtualBrownianTree per example).
-      checkpoints: states RecursiveCheckpointAdjoint keeps in `exact` mode (None: equinox's
-        default, floor(sqrt(2 n_steps + 1/4) - 1/2), e.g. 4, 13 and 44 for 10, 100 and 1000 steps
-        (diffrax's docstring says log(n_steps)); n_steps: store every state, no recomputation).
+      checkpoints: states RecursiveCheckpointAdjoint keeps in `exact` mode. None (default):
+        every state (`n_checkpoints` = n_steps), so the backward pass recomputes no forward step:
+        the gradient costs about 3.2x the forward instead of 4.2x with equinox's own default of
+        floor(sqrt(2 n_steps + 1/4) - 1/2) states (13 for 100 steps), and the states (one image
+        each) are small next to one network VJP's working set (benchmarks/README.md, "Choosing
+        the checkpoints"). An integer k < n_steps keeps k states and recomputes the rest.
       score_dtype: 'float32' (default) or 'bfloat16': the dtype the score network computes in.
         In 'bfloat16' its variables and the inputs of its flax layers are cast to bfloat16; the
         SDE state, time, noise and the score (the network output divided by std(t)) stay float32.
@@ -141,6 +144,15 @@ class PurifyConfig:
             raise ValueError(
                 f"input_size must be a positive side in pixels, got {self.input_size}."
             )
+        if self.checkpoints is not None and (
+            isinstance(self.checkpoints, bool)
+            or int(self.checkpoints) != self.checkpoints
+            or self.checkpoints < 1
+        ):
+            raise ValueError(
+                f"checkpoints must be None (every state) or an integer >= 1, got "
+                f"{self.checkpoints!r}."
+            )
         if self.unroll and self.solver != "euler":
             raise ValueError("unroll=True supports solver 'euler' only.")
         if self.grad == "adjoint" and self.solver not in ("euler", "heun", "midpoint"):
@@ -152,6 +164,12 @@ class PurifyConfig:
     @property
     def n_steps(self) -> int:
         return int(round(self.t_star / self.dt))
+
+    @property
+    def n_checkpoints(self) -> int:
+        """States the `exact` gradient keeps: `checkpoints`, at most n_steps (None: n_steps)."""
+        n = self.n_steps
+        return n if self.checkpoints is None else min(int(self.checkpoints), n)
 
     def time_grid(self) -> np.ndarray:
         """(n_steps + 1,) float32 decreasing times t*, t* - dt, ..., dt, t_end."""
@@ -293,7 +311,7 @@ def _diffrax_solve(sde, score_fn, config: PurifyConfig, params, x_t, ts, path, a
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _euler_adjoint_solve(sde, score_fn, config, steps, params, x_t, ts, path):
-    adjoint = diffrax.RecursiveCheckpointAdjoint(checkpoints=config.checkpoints)
+    adjoint = diffrax.RecursiveCheckpointAdjoint(checkpoints=config.n_checkpoints)
     return _diffrax_solve(sde, score_fn, config, params, x_t, ts, path, adjoint, steps)
 
 
@@ -377,7 +395,7 @@ def reverse_solve_states(
         return _diffrax_solve(sde, score_fn, config, params, x_t, ts, path, adjoint, steps)
     if config.unroll:
         return _unrolled_euler(sde, score_fn, config, params, x_t, ts, path, steps)
-    adjoint = diffrax.RecursiveCheckpointAdjoint(checkpoints=config.checkpoints)
+    adjoint = diffrax.RecursiveCheckpointAdjoint(checkpoints=config.n_checkpoints)
     return _diffrax_solve(sde, score_fn, config, params, x_t, ts, path, adjoint, steps)
 
 

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .models.norm import GroupNorm
 from .sde import VPSDE
 
 ScoreFn = Callable[[Any, Any, Any], Any]  # (params, x (B,H,W,C) in [-1,1], t (B,) or ()) -> score
@@ -77,7 +78,7 @@ _CAST_LAYERS = (
     nn.DenseGeneral,
     nn.Conv,
     nn.ConvTranspose,
-    nn.GroupNorm,
+    GroupNorm,
     nn.LayerNorm,
     nn.BatchNorm,
 )

@@ -50,6 +50,23 @@ def rel(a, b):
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
+def test_every_checkpoint_count_gives_the_same_exact_gradient():
+    """The default (every state kept) against equinox's sqrt default (5 of 20 states) and 1."""
+    with jax.enable_x64(True):
+        score = gaussian_score()
+        x = jax.random.uniform(jax.random.key(1), (2, 4, 4, 3), jnp.float64)
+        w = jax.random.normal(jax.random.key(2), x.shape, jnp.float64)
+        kw = dict(t_star=0.02, dt=1e-3)
+        assert PurifyConfig(**kw).n_checkpoints == 20
+        assert PurifyConfig(checkpoints=50, **kw).n_checkpoints == 20
+        g = {c: _grads(score, x, w, jax.random.key(3), checkpoints=c, **kw) for c in (None, 5, 1)}
+        assert rel(g[5], g[None]) < 1e-12 and rel(g[1], g[None]) < 1e-12
+        assert rel(g[None], w) > 1e-3  # the solve changes the gradient
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="checkpoints must be None"):
+            PurifyConfig(checkpoints=bad)
+
+
 def test_adjoint_converges_to_exact_at_first_order():
     with jax.enable_x64(True):
         score = gaussian_score()

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from .conv import conv_general_dilated
+from .norm import GroupNorm
 
 # SDEdit configs/celeba.yml (= DiffPure configs/celeba.yml), the model of celeba_hq.ckpt.
 SDEDIT_CELEBAHQ256 = {
@@ -57,9 +58,9 @@ def timestep_embedding(timesteps: jax.Array, dim: int) -> jax.Array:
     return emb
 
 
-def normalize(name: str) -> nn.GroupNorm:
+def normalize(name: str) -> GroupNorm:
     """The model's GroupNorm: 32 groups, eps 1e-6, affine (params 'scale', 'bias')."""
-    return nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=False, name=name)
+    return GroupNorm(num_groups=32, epsilon=1e-6, name=name)
 
 
 def conv(features: int, name: str, size: int = 3, stride: int = 1, pad=None) -> nn.Conv:

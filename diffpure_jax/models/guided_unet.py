@@ -43,9 +43,9 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from .conv import conv_general_dilated
+from .norm import group_norm
 
 # openai/guided-diffusion 256x256_diffusion_uncond.pt as DiffPure builds it (configs/imagenet.yml):
 # attention_resolutions '32,16,8' are the downsample rates 256 // res = 8, 16, 32.
@@ -92,16 +92,9 @@ class GroupNorm32(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        if c % self.num_groups:
-            raise ValueError(f"GroupNorm32: {c} channels are not divisible by {self.num_groups}")
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
-        y = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
-        axes = (*range(1, y.ndim - 2), y.ndim - 1)  # all but batch and group
-        mean = y.mean(axes, keepdims=True)
-        var = jnp.square(y - mean).mean(axes, keepdims=True)
-        y = ((y - mean) * lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+        return group_norm(x, scale, bias, self.num_groups, self.epsilon)
 
 
 def _conv(features: int, name: str, size: int = 3, stride: int = 1, zero: bool = False):

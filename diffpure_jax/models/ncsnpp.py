@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from .conv import conv_general_dilated
+from .norm import GroupNorm
 
 
 def default_init(scale: float = 1.0):
@@ -42,10 +43,8 @@ def timestep_embedding(labels: jax.Array, dim: int, max_positions: int = 10_000)
     return emb
 
 
-def group_norm(channels: int, name: str) -> nn.GroupNorm:
-    return nn.GroupNorm(
-        num_groups=min(channels // 4, 32), epsilon=1e-6, use_fast_variance=False, name=name
-    )
+def group_norm(channels: int, name: str) -> GroupNorm:
+    return GroupNorm(num_groups=min(channels // 4, 32), epsilon=1e-6, name=name)
 
 
 def conv(features: int, size: int, name: str, init_scale: float = 1.0) -> nn.Conv:

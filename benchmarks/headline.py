@@ -1,0 +1,292 @@
+"""The headline table: what purification, its exact gradient and one AutoAttack-rand iteration
+cost, and how much of the device they use, measured in one sitting.
+
+For each model group (`small`: the reference-sized NCSN++ (nf 16) + WRN-16-2 at DiffPure's
+CIFAR-10 defaults, t* = 0.1, dt = 1e-3, 100 steps; `full`: score_sde's full-size NCSN++ (106.6M)
++ WRN-28-10 at t* = 0.005, 5 steps, to keep a CPU run short; random weights, which do not change
+the cost), at one batch (default 8 images):
+
+* `net-forward`, `net-vjp`: one score-network call, and one call with its VJP in x (loop-free);
+* `forward`: one purification (`purify`, grid Brownian path);
+* `exact`: d sum(w * purify(x)) / dx, `grad='exact'` with the library's default checkpoints
+  (every state kept); `exact-sqrt`: the same with equinox's floor(sqrt(2 n + 1/4) - 1/2) states
+  (the default until 2026-12); `adjoint`: `grad='adjoint'`;
+* `apgd`: one iteration of APGD-CE (AutoAttack rand's first attack, Linf 8/255) through the
+  defended classifier, batch / eot images x `--eot` draws (the draws are one vmapped batch, so
+  the purifier sees `batch` images as in the other rows): the difference of compiled APGD runs
+  with n_iter = 2 and 1 (each iteration is one EOT-averaged loss and gradient).
+
+Columns: time (minimum over --repeats after a warm-up, `common.time_compiled`), x forward (time
+over the group's `forward`), FLOPs (XLA's cost analysis per network call times the calls: a
+compiled loop's body is counted once, see utilization.py; recomputed forward steps counted with
+a callback), achieved FLOP/s over a float32 n x n matmul's (`--matmul-size`) measured in the
+same run at the start (and again at the end, to show drift), and XLA's compiled memory
+(arguments + outputs + temporaries; no execution needed).
+
+    python -m benchmarks.headline                     # ~12 min on the 2-core CPU
+    python -m benchmarks.headline --groups small      # ~5 min
+    python -m benchmarks.headline --tiny              # seconds: the test that keeps it working
+
+Results: benchmarks/README.md (the table at the top) and benchmarks/results/headline_<device>.json.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["EQX_ON_ERROR"] = "nan"  # before equinox/diffrax are imported (see common.py)
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from benchmarks.accelerator import matmul_reference, need_bytes, program_flops  # noqa: E402
+from benchmarks.utilization import recompute_count  # noqa: E402
+from diffpure_jax import DefendedClassifier, Purifier, PurifyConfig  # noqa: E402
+from diffpure_jax.attacks.apgd import apgd  # noqa: E402
+from diffpure_jax.attacks.base import Threat, bind_index  # noqa: E402
+
+GROUPS = {
+    "small": dict(score="small", classifier=(16, 2), t_star=0.1),
+    "full": dict(score="full", classifier=(28, 10), t_star=0.005),
+    "tiny": dict(score="tiny", classifier=(10, 1), t_star=0.003),
+}
+CASES = ("net-forward", "net-vjp", "forward", "exact", "exact-sqrt", "adjoint", "apgd")
+GROUP_CASES = {
+    "small": CASES,
+    "full": ("net-forward", "net-vjp", "forward", "exact", "apgd"),
+    "tiny": CASES,
+}
+WHAT = {
+    "net-forward": "score network, 1 call",
+    "net-vjp": "score network + VJP, 1 call",
+    "forward": "purification",
+    "exact": "exact gradient (default: every state kept)",
+    "exact-sqrt": "exact gradient, sqrt(2n) states (old default)",
+    "adjoint": "adjoint gradient",
+    "apgd": "one APGD-EOT iteration (AutoAttack rand)",
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--groups", default="small,full", help=f"of {tuple(GROUPS)}")
+    p.add_argument("--tiny", action="store_true", help="the tiny group only, matmul 256")
+    p.add_argument("--batch", type=int, default=8, help="images per purification")
+    p.add_argument("--eot", type=int, default=2, help="APGD's EOT draws (divides --batch)")
+    p.add_argument("--dt", type=float, default=1e-3)
+    p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--budget-s", type=float, default=60.0, help="timed seconds per case")
+    p.add_argument("--out", help="default benchmarks/results/headline_<platform>.json")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.groups, args.matmul_size, args.repeats = "tiny", 256, 1
+    args.groups = args.groups.split(",")
+    unknown = [g for g in args.groups if g not in GROUPS]
+    if unknown:
+        p.error(f"unknown groups {unknown}; choose from {tuple(GROUPS)}")
+    if args.batch % args.eot:
+        p.error(f"--eot {args.eot} must divide --batch {args.batch}")
+    return args
+
+
+def flops(score, classifier, config: PurifyConfig, batch: int) -> dict:
+    """FLOPs of one network call, one call + VJP, and the classifier's CE + VJP on `batch`."""
+    x, w, _ = common.inputs(batch)
+    y = jnp.zeros((batch,), jnp.int32)
+    t = jnp.full((batch,), 0.5 * config.t_star)
+    net, _ = program_flops(lambda s, z: s(z, t), (score, 2 * x - 1))
+    vjp, _ = program_flops(jax.grad(lambda z, s, w: jnp.sum(w * s(z, t))), (2 * x - 1, score, w))
+
+    def cls_loss(x, c, y):
+        return optax.softmax_cross_entropy_with_integer_labels(c(x, check=False), y).sum()
+
+    cls, _ = program_flops(jax.grad(cls_loss), (x, classifier, y))
+    return {"net": net, "net_vjp": vjp, "classifier_vjp": cls}
+
+
+def gradient_flops(f: dict, config: PurifyConfig) -> tuple[float, int]:
+    """(FLOPs, recomputed forward steps) of one exact or adjoint gradient of a purification:
+    the primal solve (n calls), per step one call + VJP in the backward pass, and the forward
+    steps recomputed between checkpoints (counted on a cheap score; 0 for the adjoint)."""
+    n = config.n_steps
+    recompute = max(0, recompute_count(config) - 2 * n) if config.grad == "exact" else 0
+    return n * (f["net"] + f["net_vjp"]) + recompute * f["net"], recompute
+
+
+def programs(case: str, score, classifier, base: PurifyConfig, args):
+    """(function, arguments) to compile for a case; `apgd` gives two (n_iter 1 and 2)."""
+    x, w, key = common.inputs(args.batch)
+    t = jnp.full((args.batch,), 0.5 * base.t_star)
+    if case == "net-forward":
+        return [(lambda s, z: s(z, t), (score, 2 * x - 1))]
+    if case == "net-vjp":
+        return [(jax.grad(lambda z, s, w: jnp.sum(w * s(z, t))), (2 * x - 1, score, w))]
+    if case == "forward":
+        return [(common.purify_fn(base), (score, x, key))]
+    if case in ("exact", "exact-sqrt", "adjoint"):
+        return [(common.grad_fn(config_of(case, base)), (x, score, w, key))]
+    # apgd: batch / eot images, eot draws each; labels = the defended model's prediction in
+    # APGD's own clean pass, so that no example starts misclassified.
+    b = args.batch // args.eot
+    model = DefendedClassifier(Purifier(score, base), classifier)
+    xa = x[:b]
+    y = jnp.argmax(bind_index(model, jnp.arange(b))(xa, jax.random.split(key, 3)[0]), -1)
+    threat = Threat("Linf", 8 / 255)
+
+    def run(n_iter):
+        def f(model, x, y, key):
+            m = bind_index(model, jnp.arange(x.shape[0]))
+            return apgd(m, x, y, key, threat=threat, n_iter=n_iter, n_eot=args.eot).x_adv
+
+        return f, (model, xa, y, key)
+
+    return [run(1), run(2)]
+
+
+def config_of(case: str, base: PurifyConfig) -> PurifyConfig:
+    if case == "exact-sqrt":
+        return dataclasses.replace(base, checkpoints=common.default_checkpoints(base.n_steps))
+    if case == "adjoint":
+        return dataclasses.replace(base, grad="adjoint")
+    return base
+
+
+def run_case(case: str, score, classifier, base: PurifyConfig, f: dict, args) -> dict:
+    row = {"case": case, "what": WHAT[case], "batch": args.batch}
+    row["n_steps"] = 1 if case.startswith("net") else base.n_steps
+    if case == "apgd":
+        row.update(images=args.batch // args.eot, eot=args.eot)
+    timed = []
+    for fn, fargs in programs(case, score, classifier, base, args):
+        fargs = jax.block_until_ready(fargs)
+        compiled, timing = common.compile_fn(fn, fargs)
+        res = common.time_compiled(compiled, fargs, args.repeats, args.budget_s)
+        res.update(timing, xla_memory=common.memory_analysis(compiled))
+        timed.append(res)
+    last = timed[-1]
+    row["compile_s"] = sum(r["compile_s"] for r in timed)
+    row["runs"] = timed
+    row["steady_s"] = last["steady_s"] - (timed[0]["steady_s"] if case == "apgd" else 0.0)
+    row["need_bytes"] = need_bytes(last["xla_memory"])
+    row["others_cpu_per_wall"] = max(r["others_cpu_per_wall"] or 0.0 for r in timed)
+    row["finite"] = all(r["finite"] for r in timed)
+    n = base.n_steps
+    if case == "net-forward":
+        row["flops"] = f["net"]
+    elif case == "net-vjp":
+        row["flops"] = f["net_vjp"]
+    elif case == "forward":
+        row["flops"] = n * f["net"]
+    else:
+        grad_flops, row["recompute_forward_steps"] = gradient_flops(f, config_of(case, base))
+        row["flops"] = grad_flops + (f["classifier_vjp"] if case == "apgd" else 0.0)
+    return row
+
+
+def group(name: str, args, start: float) -> dict:
+    spec = GROUPS[name]
+    score = common.random_score(spec["score"])
+    classifier = common.random_classifier(*spec["classifier"])
+    base = PurifyConfig(t_star=spec["t_star"], dt=args.dt)
+    f = flops(score, classifier, base, args.batch)
+    out = {
+        "group": name,
+        "score": spec["score"],
+        "score_params": common.n_params(score.variables),
+        "classifier": "WRN-{}-{}".format(*spec["classifier"]),
+        "classifier_params": common.n_params(classifier.variables),
+        "t_star": base.t_star,
+        "n_steps": base.n_steps,
+        "flops_per_call": f,
+        "rows": [],
+    }
+    for case in GROUP_CASES[name]:
+        row = run_case(case, score, classifier, base, f, args)
+        out["rows"].append(row)
+        print(
+            f"[{time.perf_counter() - start:6.0f} s] {name} {case}: {row['steady_s']:.3f} s, "
+            f"{row['flops'] / 1e9:.1f} GFLOP, compile {row['compile_s']:.1f} s",
+            flush=True,
+        )
+    fwd = next(r for r in out["rows"] if r["case"] == "forward")["steady_s"]
+    for r in out["rows"]:
+        r["x_forward"] = None if r["case"].startswith("net") else r["steady_s"] / fwd
+    return out
+
+
+def add_utilisation(groups: list[dict], matmul: dict) -> None:
+    for g in groups:
+        for r in g["rows"]:
+            r["flops_per_s"] = r["flops"] / r["steady_s"]
+            r["utilisation"] = r["flops_per_s"] / matmul["flops_per_s"]
+
+
+def table(payload: dict) -> str:
+    rows = []
+    for g in payload["groups"]:
+        for r in g["rows"]:
+            batch = f"{r['images']} x {r['eot']} EOT" if r["case"] == "apgd" else r["batch"]
+            rows.append(
+                [
+                    f"{g['score']} NCSN++ + {g['classifier']}",
+                    r["what"],
+                    batch,
+                    r["n_steps"],
+                    f"{r['steady_s']:.3f}",
+                    "-" if r["x_forward"] is None else f"{r['x_forward']:.2f}",
+                    f"{r['flops'] / 1e9:.1f}",
+                    f"{r['flops_per_s'] / 1e9:.1f}",
+                    f"{r['utilisation']:.2f}",
+                    common.fmt_mb(r["need_bytes"]),
+                    f"{r['others_cpu_per_wall']:.2f}",
+                ]
+            )
+    cols = ["model", "case", "batch", "steps", "time (s)", "x forward", "GFLOP", "GFLOP/s"]
+    cols += ["utilisation", "memory (MB)", "others CPU/wall"]
+    return common.markdown_table(cols, rows)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    env = common.header("headline", settings)
+    start = time.perf_counter()
+    platform = jax.devices()[0].platform
+    out = args.out or common.RESULTS / f"headline_{platform}{'_tiny' if args.tiny else ''}.json"
+    payload = {
+        "environment": env,
+        "command": common.command("benchmarks.headline", argv),
+        "config": settings,
+        "matmul": matmul_reference(args.matmul_size, "float32", 5),
+        "groups": [],
+    }
+    mm = payload["matmul"]
+    print(f"matmul {mm['n']}^2 float32: {mm['flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
+    for name in args.groups:
+        payload["groups"].append(group(name, args, start))
+        add_utilisation(payload["groups"], mm)
+        common.write_json(out, payload)  # what is measured so far survives a kill
+    payload["matmul_end"] = matmul_reference(args.matmul_size, "float32", 5)
+    payload["total_s"] = time.perf_counter() - start
+    payload["table"] = table(payload)
+    print()
+    print(payload["table"])
+    print(
+        f"matmul at the start {mm['flops_per_s'] / 1e9:.1f}, at the end "
+        f"{payload['matmul_end']['flops_per_s'] / 1e9:.1f} GFLOP/s; total "
+        f"{payload['total_s']:.0f} s"
+    )
+    common.write_json(out, payload)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Group normalisation with its statistics reduced in a CPU-friendly order.
+
+`group_norm(x, scale, bias, num_groups, epsilon)` equals flax's `nn.GroupNorm(num_groups,
+epsilon, use_fast_variance=False)` and PyTorch's `GroupNorm`: per example and group of C / G
+channels, mean and (two-pass) variance over every position and channel of the group, computed in
+float32. It sums over the positions first, giving (B, C) per-channel sums, and then over each
+group's channels, instead of reducing a (B, P, G, C / G) view over its axes 1 and 3 at once: the
+same sums in another order (float32 round-off apart, about 1e-7 relative), which XLA:CPU runs
+about 5x faster (a GroupNorm of 8 x 32 x 32 x 128 float32: 0.5 ms against 2.5 ms), and the
+full-size NCSN++ has 163 of them per call (benchmarks/README.md, "Where the time goes").
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def group_stats(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
+    """float32 (mean, variance) of x (B, ..., C) per example and group of C / num_groups
+    channels, each broadcast back to (B, 1, C)."""
+    b, c = x.shape[0], x.shape[-1]
+    if c % num_groups:
+        raise ValueError(f"GroupNorm: {c} channels are not divisible by {num_groups} groups")
+    k = c // num_groups
+    y = x.astype(jnp.float32).reshape(b, -1, c)  # (B, P, C)
+    n = y.shape[1] * k
+
+    def per_channel(group_sums):  # (B, C) sums over positions -> (B, 1, C) group means
+        means = group_sums.reshape(b, num_groups, k).sum(-1) / n
+        return jnp.repeat(means, k, axis=-1)[:, None, :]
+
+    mean = per_channel(y.sum(1))
+    var = per_channel(jnp.square(y - mean).sum(1))
+    return mean, var
+
+
+def group_norm(x, scale, bias, num_groups: int, epsilon: float) -> jax.Array:
+    """(B, ..., C) -> the same shape and dtype: (x - mean) / sqrt(var + epsilon) * scale + bias,
+    computed in float32 (scale and bias (C,) as given, e.g. already rounded to bfloat16)."""
+    mean, var = group_stats(x, num_groups)
+    y = x.astype(jnp.float32).reshape(mean.shape[0], -1, x.shape[-1])
+    y = (y - mean) * (lax.rsqrt(var + epsilon) * scale.astype(jnp.float32))
+    return (y + bias.astype(jnp.float32)).reshape(x.shape).astype(x.dtype)
+
+
+class GroupNorm(nn.Module):
+    """`nn.GroupNorm(num_groups, epsilon, use_fast_variance=False)` (params 'scale', 'bias' (C,),
+    so converted checkpoints load unchanged) computed by `group_norm`. Under
+    `score.LowPrecisionScoreFn` its input is cast like a flax layer's; the statistics and the
+    normalisation stay float32, as flax's do, and the output has the input's dtype."""
+
+    num_groups: int = 32
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        return group_norm(x, scale, bias, self.num_groups, self.epsilon)

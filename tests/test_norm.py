@@ -1,0 +1,42 @@
+"""models.norm.GroupNorm against flax's nn.GroupNorm (two-pass variance): the same values from
+sums taken in another order, the same parameters, float32 and bfloat16 inputs."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffpure_jax.models.norm import GroupNorm
+
+
+@pytest.mark.parametrize(
+    "shape, groups", [((2, 8, 8, 16), 4), ((3, 4, 4, 64), 32), ((2, 5, 7, 32), 32), ((2, 9, 6), 3)]
+)
+def test_group_norm_equals_flax(shape, groups):
+    kx, ks, kb = jax.random.split(jax.random.key(0), 3)
+    # An offset mean and an uneven scale, so that a one-pass variance would lose digits.
+    x = 3.0 + jax.random.normal(kx, shape) * jnp.linspace(0.1, 2.0, shape[-1])
+    ref = nn.GroupNorm(num_groups=groups, epsilon=1e-6, use_fast_variance=False)
+    ours = GroupNorm(num_groups=groups, epsilon=1e-6)
+    c = shape[-1]
+    variables = {
+        "params": {"scale": jax.random.normal(ks, (c,)), "bias": jax.random.normal(kb, (c,))}
+    }
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(
+        jnp.shape, variables
+    )
+    want, got = ref.apply(variables, x), ours.apply(variables, x)
+    assert got.dtype == x.dtype
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-5)
+    # bfloat16 inputs and parameters (as score.LowPrecisionScoreFn casts them): float32 statistics.
+    low = jax.tree.map(lambda a: a.astype(jnp.bfloat16), variables)
+    want16, got16 = ref.apply(low, x.astype(jnp.bfloat16)), ours.apply(low, x.astype(jnp.bfloat16))
+    assert got16.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(got16, np.float32) - np.asarray(want16, np.float32))
+    assert err.max() <= 2**-7 * (1 + np.abs(np.asarray(want16, np.float32)).max())
+
+
+def test_group_norm_refuses_indivisible_channels():
+    with pytest.raises(ValueError, match="12 channels are not divisible by 8 groups"):
+        GroupNorm(num_groups=8).init(jax.random.key(0), jnp.ones((1, 2, 2, 12)))
