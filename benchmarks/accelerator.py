@@ -5,7 +5,7 @@ The path: score_sde's NCSN++ (cifar10_ddpmpp_deep_continuous, 106.6M params) beh
 
 1. For score_dtype float32 and bfloat16 and each batch in --batches (16, 64, 256): purification
    (`forward`) and the `exact` input gradient of the summed cross-entropy through purifier and
-   classifier (`DefendedClassifier`, diffrax RecursiveCheckpointAdjoint, default checkpoints):
+   classifier (`DefendedClassifier`, diffrax RecursiveCheckpointAdjoint, every state kept):
    compile time, steady run time (common.time_compiled: warm-up, minimum of repeats), images/s,
    XLA's compiled memory, the device's peak memory (GPU only), FLOPs and FLOP/s against a large
    matmul of the same dtype measured in the same run. XLA's cost analysis counts a loop body

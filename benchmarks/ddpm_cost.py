@@ -6,10 +6,11 @@ level, attention at 16; 0.81M params; random weights, which do not change the co
 
 * `purify`: one purification (500 network calls), run and timed;
 * `exact`: one `exact` input gradient of sum(w * purify(x)), equinox's recursive checkpointing
-  with its default number of checkpoints (floor(sqrt(2 n + 1/4) - 1/2) = 31 of 500 states), run
-  and timed;
+  with equinox's own default number of checkpoints (floor(sqrt(2 n + 1/4) - 1/2) = 31 of 500
+  states; the library's default until 2026-12), run and timed;
 * `exact-ckpt-n`: the same with checkpoints = n (every state stored, each step's network
-  recomputed once in the backward pass): compiled and analysed, run only with --run-all;
+  recomputed once in the backward pass; the library's default now): compiled and analysed, run
+  only with --run-all;
 * `scan-store-all`: the chain as a plain `lax.scan` under `jax.grad`, no checkpointing (every
   step's network activations stored): compiled and analysed, never run.
 
@@ -132,7 +133,10 @@ def main(argv=None) -> int:
             if scheme == "purify" and k != n:
                 continue
             p = base.replace(t_star=k / base.schedule.num_timesteps)
-            p = p.replace(checkpoints=k) if scheme == "exact-ckpt-n" else p
+            if scheme in ("exact", "exact-ckpt-n"):  # "exact": the sqrt count, explicitly
+                p = p.replace(
+                    checkpoints=k if scheme == "exact-ckpt-n" else common.default_checkpoints(k)
+                )
             fargs = jax.block_until_ready((x, p, w, key))
             compiled, r = common.compile_fn(case_fn(scheme), fargs)
             runs = scheme in ("purify", "exact") or (scheme == "exact-ckpt-n" and args.run_all)

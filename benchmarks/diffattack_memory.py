@@ -13,11 +13,12 @@ sum_b CE(classifier(purify(x))_b, y_b), is compiled (never run) and XLA's memory
 * classifier: the WRN-28-10 of `checkpoints/cifar10-wrn-28-10` (RobustBench 'Standard', 36.5M
   params; `diffpure_jax.convert.classifiers`, variant robustbench-wrn);
 * weights abstract (`jax.ShapeDtypeStruct`: no weights are allocated; they do not change memory);
-* schemes: `exact` = the library's gradient (equinox's recursive checkpointing, default
-  floor(sqrt(2 T + 1/4) - 1/2) stored states); `segment-wise` = the same with checkpoints = T
-  (every state stored, each step's network recomputed once in the backward pass: DiffAttack's
-  scheme); `naive` = the chain as a plain `lax.scan` under `jax.grad` (`ddpm_cost.scan_store_all`:
-  every step's network activations stored: their naive backprop), by default only up to T = 30.
+* schemes: `exact` = the library's gradient as it was until 2026-12 (equinox's recursive
+  checkpointing with equinox's default floor(sqrt(2 T + 1/4) - 1/2) stored states); `segment-wise`
+  = the same with checkpoints = T (every state stored, each step's network recomputed once in the
+  backward pass: DiffAttack's scheme, and the library's default now); `naive` = the chain as a
+  plain `lax.scan` under `jax.grad` (`ddpm_cost.scan_store_all`: every step's network activations
+  stored: their naive backprop), by default only up to T = 30.
 
 XLA:CPU's analysis is not a GPU's: PyTorch's caching allocator, cuDNN workspaces and the CUDA
 context are not in it, and XLA:GPU schedules buffers differently. The paper's numbers sit next
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
             if scheme == "naive" and n > args.naive_max_steps:
                 skipped.append({"n_steps": n, "scheme": scheme, "why": "--naive-max-steps"})
                 continue
-            p = purifier(unet, n, n if scheme == "segment-wise" else None)
+            p = purifier(unet, n, stored_states(scheme, n))
             compiled, r = common.compile_fn(loss_grad(scheme), (x, p, clf, y, key))
             memory = common.memory_analysis(compiled)
             del compiled

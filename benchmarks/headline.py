@@ -14,7 +14,9 @@ the cost), at one batch (default 8 images):
 * `apgd`: one iteration of APGD-CE (AutoAttack rand's first attack, Linf 8/255) through the
   defended classifier, batch / eot images x `--eot` draws (the draws are one vmapped batch, so
   the purifier sees `batch` images as in the other rows): the difference of compiled APGD runs
-  with n_iter = 2 and 1 (each iteration is one EOT-averaged loss and gradient).
+  with n_iter = 3 and 2 (each iteration is one EOT-averaged loss and gradient). Not 2 and 1:
+  XLA inlines a loop of one trip and then drops the backward pass of its last iteration, whose
+  gradient nothing uses, so that difference would count about a gradient and a half.
 
 Columns: time (minimum over --repeats after a warm-up, `common.time_compiled`), x forward (time
 over the group's `forward`), FLOPs (XLA's cost analysis per network call times the calls: a
@@ -81,13 +83,15 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8, help="images per purification")
     p.add_argument("--eot", type=int, default=2, help="APGD's EOT draws (divides --batch)")
     p.add_argument("--dt", type=float, default=1e-3)
-    p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--matmul-size", type=int, help="2048 on a CPU, 8192 on an accelerator")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--budget-s", type=float, default=60.0, help="timed seconds per case")
     p.add_argument("--out", help="default benchmarks/results/headline_<platform>.json")
     args = p.parse_args(argv)
     if args.tiny:
         args.groups, args.matmul_size, args.repeats = "tiny", 256, 1
+    if args.matmul_size is None:
+        args.matmul_size = 2048 if jax.default_backend() == "cpu" else 8192
     args.groups = args.groups.split(",")
     unknown = [g for g in args.groups if g not in GROUPS]
     if unknown:
@@ -122,7 +126,7 @@ def gradient_flops(f: dict, config: PurifyConfig) -> tuple[float, int]:
 
 
 def programs(case: str, score, classifier, base: PurifyConfig, args):
-    """(function, arguments) to compile for a case; `apgd` gives two (n_iter 1 and 2)."""
+    """(function, arguments) to compile for a case; `apgd` gives two (n_iter 2 and 3)."""
     x, w, key = common.inputs(args.batch)
     t = jnp.full((args.batch,), 0.5 * base.t_star)
     if case == "net-forward":
@@ -148,7 +152,7 @@ def programs(case: str, score, classifier, base: PurifyConfig, args):
 
         return f, (model, xa, y, key)
 
-    return [run(1), run(2)]
+    return [run(2), run(3)]
 
 
 def config_of(case: str, base: PurifyConfig) -> PurifyConfig:

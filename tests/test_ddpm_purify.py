@@ -197,7 +197,7 @@ def test_exact_gradient_matches_finite_differences_float64():
 
 
 def test_checkpointed_gradient_equals_uncheckpointed():
-    """20 steps: the default (all 20 states), equinox's sqrt default 5 and 1 (most recomputation)."""
+    """20 steps: the default (all 20 states), equinox's sqrt default 5, and 1 (most recomputing)."""
     with jax.enable_x64(True):
         x, key = images(dtype=jnp.float64), jax.random.key(3)
         w = jax.random.normal(jax.random.key(2), x.shape, jnp.float64)

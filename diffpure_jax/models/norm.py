@@ -18,32 +18,46 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def group_stats(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
-    """float32 (mean, variance) of x (B, ..., C) per example and group of C / num_groups
-    channels, each broadcast back to (B, 1, C)."""
-    b, c = x.shape[0], x.shape[-1]
-    if c % num_groups:
-        raise ValueError(f"GroupNorm: {c} channels are not divisible by {num_groups} groups")
+def _wide(a: jax.Array) -> jax.Array:
+    """a in float32, or wider if it is (float64 stays float64)."""
+    return a.astype(jnp.promote_types(a.dtype, jnp.float32))
+
+
+def _rows(x: jax.Array) -> jax.Array:
+    """x (B, ..., C) as (B, P, C), P the positions, at least float32."""
+    return _wide(x).reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _group_mean(channel_sums: jax.Array, num_groups: int, positions: int) -> jax.Array:
+    """Per-channel sums over positions (B, C) -> each group's mean, broadcast to (B, 1, C)."""
+    b, c = channel_sums.shape
     k = c // num_groups
-    y = x.astype(jnp.float32).reshape(b, -1, c)  # (B, P, C)
-    n = y.shape[1] * k
+    means = channel_sums.reshape(b, num_groups, k).sum(-1) / (positions * k)
+    return jnp.repeat(means, k, axis=-1)[:, None, :]
 
-    def per_channel(group_sums):  # (B, C) sums over positions -> (B, 1, C) group means
-        means = group_sums.reshape(b, num_groups, k).sum(-1) / n
-        return jnp.repeat(means, k, axis=-1)[:, None, :]
 
-    mean = per_channel(y.sum(1))
-    var = per_channel(jnp.square(y - mean).sum(1))
+def group_stats(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
+    """(mean, variance), float32 or wider, of x (B, ..., C) per example and group of C / num_groups
+    channels, each broadcast back to (B, 1, C)."""
+    if x.shape[-1] % num_groups:
+        raise ValueError(
+            f"GroupNorm: {x.shape[-1]} channels are not divisible by {num_groups} groups"
+        )
+    y = _rows(x)
+    mean = _group_mean(y.sum(1), num_groups, y.shape[1])
+    var = _group_mean(jnp.square(y - mean).sum(1), num_groups, y.shape[1])
     return mean, var
 
 
 def group_norm(x, scale, bias, num_groups: int, epsilon: float) -> jax.Array:
     """(B, ..., C) -> the same shape and dtype: (x - mean) / sqrt(var + epsilon) * scale + bias,
-    computed in float32 (scale and bias (C,) as given, e.g. already rounded to bfloat16)."""
+    computed in float32 or wider (scale and bias (C,) as given, e.g. rounded to bfloat16).
+
+    Differentiated by autodiff: a hand-written closed-form VJP (two passes over the cotangent)
+    measured 4-5% slower in the NCSN++ VJP on XLA:CPU than what XLA fuses from autodiff's."""
     mean, var = group_stats(x, num_groups)
-    y = x.astype(jnp.float32).reshape(mean.shape[0], -1, x.shape[-1])
-    y = (y - mean) * (lax.rsqrt(var + epsilon) * scale.astype(jnp.float32))
-    return (y + bias.astype(jnp.float32)).reshape(x.shape).astype(x.dtype)
+    y = (_rows(x) - mean) * (lax.rsqrt(var + epsilon) * _wide(scale)) + _wide(bias)
+    return y.reshape(x.shape).astype(x.dtype)
 
 
 class GroupNorm(nn.Module):
