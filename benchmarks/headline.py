@@ -21,12 +21,12 @@ the cost), at one batch (default 8 images):
 Columns: time (minimum over --repeats after a warm-up, `common.time_compiled`), x forward (time
 over the group's `forward`), FLOPs (XLA's cost analysis per network call times the calls: a
 compiled loop's body is counted once, see utilization.py; recomputed forward steps counted with
-a callback), achieved FLOP/s over a float32 n x n matmul's (`--matmul-size`) measured in the
-same run at the start (and again at the end, to show drift), and XLA's compiled memory
-(arguments + outputs + temporaries; no execution needed).
+a callback), achieved FLOP/s over the FLOP/s of a float32 n x n matmul (`--matmul-size`) measured
+right before each case (also at the start and the end of the run, to show the drift), and XLA's
+compiled memory (arguments + outputs + temporaries; no execution needed).
 
-    python -m benchmarks.headline                     # ~12 min on the 2-core CPU
-    python -m benchmarks.headline --groups small      # ~5 min
+    python -m benchmarks.headline                     # ~19 min on the 2-core CPU
+    python -m benchmarks.headline --groups small      # ~7 min
     python -m benchmarks.headline --tiny              # seconds: the test that keeps it working
 
 Results: benchmarks/README.md (the table at the top) and benchmarks/results/headline_<device>.json.
@@ -168,6 +168,9 @@ def run_case(case: str, score, classifier, base: PurifyConfig, f: dict, args) ->
     row["n_steps"] = 1 if case.startswith("net") else base.n_steps
     if case == "apgd":
         row.update(images=args.batch // args.eot, eot=args.eot)
+    # The reference, measured right before the case: this machine's speed drifts (up to 20%
+    # within one sitting), so a matmul from the start of the run would not be the same run's.
+    row["matmul"] = matmul_reference(args.matmul_size, "float32", 5)
     timed = []
     for fn, fargs in programs(case, score, classifier, base, args):
         fargs = jax.block_until_ready(fargs)
@@ -226,11 +229,12 @@ def group(name: str, args, start: float) -> dict:
     return out
 
 
-def add_utilisation(groups: list[dict], matmul: dict) -> None:
+def add_utilisation(groups: list[dict]) -> None:
+    """FLOP/s of each row, and their ratio to the matmul measured right before it."""
     for g in groups:
         for r in g["rows"]:
             r["flops_per_s"] = r["flops"] / r["steady_s"]
-            r["utilisation"] = r["flops_per_s"] / matmul["flops_per_s"]
+            r["utilisation"] = r["flops_per_s"] / r["matmul"]["flops_per_s"]
 
 
 def table(payload: dict) -> str:
@@ -248,13 +252,14 @@ def table(payload: dict) -> str:
                     "-" if r["x_forward"] is None else f"{r['x_forward']:.2f}",
                     f"{r['flops'] / 1e9:.1f}",
                     f"{r['flops_per_s'] / 1e9:.1f}",
+                    f"{r['matmul']['flops_per_s'] / 1e9:.0f}",
                     f"{r['utilisation']:.2f}",
                     common.fmt_mb(r["need_bytes"]),
                     f"{r['others_cpu_per_wall']:.2f}",
                 ]
             )
     cols = ["model", "case", "batch", "steps", "time (s)", "x forward", "GFLOP", "GFLOP/s"]
-    cols += ["utilisation", "memory (MB)", "others CPU/wall"]
+    cols += ["matmul GFLOP/s", "utilisation", "memory (MB)", "others CPU/wall"]
     return common.markdown_table(cols, rows)
 
 
@@ -276,7 +281,7 @@ def main(argv=None) -> int:
     print(f"matmul {mm['n']}^2 float32: {mm['flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
     for name in args.groups:
         payload["groups"].append(group(name, args, start))
-        add_utilisation(payload["groups"], mm)
+        add_utilisation(payload["groups"])
         common.write_json(out, payload)  # what is measured so far survives a kill
     payload["matmul_end"] = matmul_reference(args.matmul_size, "float32", 5)
     payload["total_s"] = time.perf_counter() - start
