@@ -28,6 +28,7 @@ compiled memory (arguments + outputs + temporaries; no execution needed).
     python -m benchmarks.headline                     # ~19 min on the 2-core CPU
     python -m benchmarks.headline --groups small      # ~7 min
     python -m benchmarks.headline --tiny              # seconds: the test that keeps it working
+    python -m benchmarks.headline --groups small --interleaved   # forward and exact alternately
 
 Results: benchmarks/README.md (the table at the top) and benchmarks/results/headline_<device>.json.
 """
@@ -86,6 +87,13 @@ def parse_args(argv=None):
     p.add_argument("--matmul-size", type=int, help="2048 on a CPU, 8192 on an accelerator")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--budget-s", type=float, default=60.0, help="timed seconds per case")
+    p.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="only time the groups' forward and "
+        "exact gradient alternately (--rounds each); writes headline_<platform>_interleaved.json",
+    )
+    p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--out", help="default benchmarks/results/headline_<platform>.json")
     args = p.parse_args(argv)
     if args.tiny:
@@ -229,6 +237,34 @@ def group(name: str, args, start: float) -> dict:
     return out
 
 
+def interleaved(name: str, args) -> dict:
+    """The group's purification and exact gradient timed alternately, `--rounds` times each:
+    both minimums come from the same minutes, so their ratio is not moved by the machine's
+    speed drifting between cases (it does, by up to 20%, within a sitting here)."""
+    spec = GROUPS[name]
+    score = common.random_score(spec["score"])
+    base = PurifyConfig(t_star=spec["t_star"], dt=args.dt)
+    compiled = {}
+    for case in ("forward", "exact"):
+        ((fn, fargs),) = programs(case, score, None, base, args)
+        fargs = jax.block_until_ready(fargs)
+        compiled[case] = (common.compile_fn(fn, fargs)[0], fargs)
+        jax.block_until_ready(compiled[case][0](*fargs))  # warm-up
+    runs: dict[str, list[float]] = {"forward": [], "exact": []}
+    for _ in range(args.rounds):
+        for case, (c, fargs) in compiled.items():
+            t = time.perf_counter()
+            jax.block_until_ready(c(*fargs))
+            runs[case].append(time.perf_counter() - t)
+    best = {case: min(v) for case, v in runs.items()}
+    return {
+        "group": name,
+        "runs_s": runs,
+        "min_s": best,
+        "x_forward": best["exact"] / best["forward"],
+    }
+
+
 def add_utilisation(groups: list[dict]) -> None:
     """FLOP/s of each row, and their ratio to the matmul measured right before it."""
     for g in groups:
@@ -269,7 +305,18 @@ def main(argv=None) -> int:
     env = common.header("headline", settings)
     start = time.perf_counter()
     platform = jax.devices()[0].platform
-    out = args.out or common.RESULTS / f"headline_{platform}{'_tiny' if args.tiny else ''}.json"
+    tag = ("_tiny" if args.tiny else "") + ("_interleaved" if args.interleaved else "")
+    out = args.out or common.RESULTS / f"headline_{platform}{tag}.json"
+    if args.interleaved:
+        results = []
+        for name in args.groups:
+            results.append(interleaved(name, args))
+            r = results[-1]
+            fwd, exact = r["min_s"]["forward"], r["min_s"]["exact"]
+            print(f"{name}: forward {fwd:.3f} s, exact {exact:.3f} s, {r['x_forward']:.2f}x")
+        payload = {"environment": env, "command": common.command("benchmarks.headline", argv)}
+        common.write_json(out, {**payload, "config": settings, "interleaved": results})
+        return 0
     payload = {
         "environment": env,
         "command": common.command("benchmarks.headline", argv),

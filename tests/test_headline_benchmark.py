@@ -50,3 +50,17 @@ def test_tiny_headline_reports_every_case(tmp_path):
     assert rows["apgd"]["flops"] == rows["exact"]["flops"] + f["classifier_vjp"]
     assert len(rows["apgd"]["runs"]) == 2  # n_iter = 2 and 3
     assert "| one APGD-EOT iteration" in d["table"]
+
+
+@pytest.mark.slow
+def test_tiny_interleaved_ratio(tmp_path):
+    out = tmp_path / "interleaved.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    cmd = [sys.executable, "-m", "benchmarks.headline", "--tiny", "--batch", "4", "--interleaved",
+           "--rounds", "2", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (r,) = json.loads(out.read_text())["interleaved"]
+    assert [len(r["runs_s"][c]) for c in ("forward", "exact")] == [2, 2]
+    assert r["x_forward"] == r["min_s"]["exact"] / r["min_s"]["forward"] and r["x_forward"] > 1
