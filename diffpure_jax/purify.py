@@ -82,10 +82,11 @@ class PurifyConfig:
       brownian: 'grid' (default, fast) or 'tree' (diffrax VirtualBrownianTree per example).
       checkpoints: states RecursiveCheckpointAdjoint keeps in `exact` mode. None (default):
         every state (`n_checkpoints` = n_steps), so the backward pass recomputes no forward step:
-        the gradient costs about 3.2x the forward instead of 4.2x with equinox's own default of
-        floor(sqrt(2 n_steps + 1/4) - 1/2) states (13 for 100 steps), and the states (one image
-        each) are small next to one network VJP's working set (benchmarks/README.md, "Choosing
-        the checkpoints"). An integer k < n_steps keeps k states and recomputes the rest.
+        the gradient costs about 3.5x the forward instead of 4.6-5x with equinox's own default
+        of floor(sqrt(2 n_steps + 1/4) - 1/2) states (13 for 100 steps), and the states (one
+        image each) are small next to one network VJP's working set (benchmarks/README.md,
+        "Choosing the checkpoints"). An integer k < n_steps keeps k states and recomputes the
+        rest.
       score_dtype: 'float32' (default) or 'bfloat16': the dtype the score network computes in.
         In 'bfloat16' its variables and the inputs of its flax layers are cast to bfloat16; the
         SDE state, time, noise and the score (the network output divided by std(t)) stay float32.
