@@ -46,10 +46,9 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from benchmarks.accelerator import matmul_reference, need_bytes, program_flops  # noqa: E402
+from benchmarks.accelerator import flop_counts, matmul_reference, need_bytes  # noqa: E402
 from benchmarks.utilization import recompute_count  # noqa: E402
 from diffpure_jax import DefendedClassifier, Purifier, PurifyConfig  # noqa: E402
 from diffpure_jax.attacks.apgd import apgd  # noqa: E402
@@ -110,18 +109,12 @@ def parse_args(argv=None):
 
 
 def flops(score, classifier, config: PurifyConfig, batch: int) -> dict:
-    """FLOPs of one network call, one call + VJP, and the classifier's CE + VJP on `batch`."""
-    x, w, _ = common.inputs(batch)
-    y = jnp.zeros((batch,), jnp.int32)
-    t = jnp.full((batch,), 0.5 * config.t_star)
-    net, _ = program_flops(lambda s, z: s(z, t), (score, 2 * x - 1))
-    vjp, _ = program_flops(jax.grad(lambda z, s, w: jnp.sum(w * s(z, t))), (2 * x - 1, score, w))
-
-    def cls_loss(x, c, y):
-        return optax.softmax_cross_entropy_with_integer_labels(c(x, check=False), y).sum()
-
-    cls, _ = program_flops(jax.grad(cls_loss), (x, classifier, y))
-    return {"net": net, "net_vjp": vjp, "classifier_vjp": cls}
+    """FLOPs on `batch` images of one network call, one call + VJP, and the classifier's CE +
+    VJP (`accelerator.flop_counts`, per image there)."""
+    f = flop_counts((score, classifier), config, batch)
+    keys = {"net": "net_per_image", "net_vjp": "net_vjp_per_image"}
+    keys["classifier_vjp"] = "classifier_vjp_per_image"
+    return {k: batch * f[v] for k, v in keys.items()}
 
 
 def gradient_flops(f: dict, config: PurifyConfig) -> tuple[float, int]:

@@ -41,7 +41,14 @@ import numpy as np
 
 from . import noise
 from .attacks.base import eot_keys
-from .purify import AbstractPurifier, PurifyConfig, Trajectory, check_images, check_steps
+from .purify import (
+    AbstractPurifier,
+    PurifyConfig,
+    Trajectory,
+    check_checkpoints,
+    check_images,
+    check_steps,
+)
 from .resize import resize_bilinear
 from .score import SCORE_DTYPES, with_score_dtype
 
@@ -190,15 +197,7 @@ class DDPMConfig:
             raise ValueError(_ADJOINT_REFUSED + ".")
         if self.grad not in DDPM_GRAD_MODES:
             raise ValueError(f"grad must be one of {DDPM_GRAD_MODES}, got {self.grad!r}.")
-        if self.checkpoints is not None and (
-            isinstance(self.checkpoints, bool)
-            or int(self.checkpoints) != self.checkpoints
-            or self.checkpoints < 1
-        ):
-            raise ValueError(
-                f"checkpoints must be None (every state) or an integer >= 1, got "
-                f"{self.checkpoints!r}."
-            )
+        check_checkpoints(self.checkpoints)
         if self.input_size is not None and self.input_size < 1:
             raise ValueError(
                 f"input_size must be a positive side in pixels, got {self.input_size}."

@@ -67,6 +67,16 @@ BROWNIAN_PATHS = ("grid", "tree")
 INPUT_TOLERANCE = 1e-6  # images may exceed [0, 1] by this much (float round-off of attacks)
 
 
+def check_checkpoints(checkpoints) -> None:
+    """Refuse a `checkpoints` setting that is neither None (every state) nor an integer >= 1."""
+    if checkpoints is not None and (
+        isinstance(checkpoints, bool) or int(checkpoints) != checkpoints or checkpoints < 1
+    ):
+        raise ValueError(
+            f"checkpoints must be None (every state) or an integer >= 1, got {checkpoints!r}."
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class PurifyConfig:
     """How to purify. Defaults are DiffPure's CIFAR-10 Linf setting.
@@ -145,15 +155,7 @@ class PurifyConfig:
             raise ValueError(
                 f"input_size must be a positive side in pixels, got {self.input_size}."
             )
-        if self.checkpoints is not None and (
-            isinstance(self.checkpoints, bool)
-            or int(self.checkpoints) != self.checkpoints
-            or self.checkpoints < 1
-        ):
-            raise ValueError(
-                f"checkpoints must be None (every state) or an integer >= 1, got "
-                f"{self.checkpoints!r}."
-            )
+        check_checkpoints(self.checkpoints)
         if self.unroll and self.solver != "euler":
             raise ValueError("unroll=True supports solver 'euler' only.")
         if self.grad == "adjoint" and self.solver not in ("euler", "heun", "midpoint"):

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from .conv import conv_general_dilated
-from .norm import group_norm
+from .norm import AffineGroupNorm
 
 # openai/guided-diffusion 256x256_diffusion_uncond.pt as DiffPure builds it (configs/imagenet.yml):
 # attention_resolutions '32,16,8' are the downsample rates 256 // res = 8, 16, 32.
@@ -78,23 +78,17 @@ def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10_00
     return emb
 
 
-class GroupNorm32(nn.Module):
+class GroupNorm32(AffineGroupNorm):
     """guided-diffusion's GroupNorm32: GroupNorm(32 groups, eps 1e-5) computed in float32.
 
     (B, ..., C) -> same shape, in the input's dtype; params 'scale' and 'bias' (C,). Deliberately
-    not an nn.GroupNorm, so that mixed precision (score.LowPrecisionScoreFn) leaves its arithmetic
-    in float32, as the official model's `super().forward(x.float()).type(x.dtype)` does.
+    not a `norm.GroupNorm`, so that mixed precision (score.LowPrecisionScoreFn) leaves its input
+    and arithmetic in float32, as the official model's `super().forward(x.float()).type(x.dtype)`
+    does.
     """
 
     num_groups: int = 32
     epsilon: float = 1e-5
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,))
-        bias = self.param("bias", nn.initializers.zeros, (c,))
-        return group_norm(x, scale, bias, self.num_groups, self.epsilon)
 
 
 def _conv(features: int, name: str, size: int = 3, stride: int = 1, zero: bool = False):

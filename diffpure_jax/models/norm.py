@@ -60,11 +60,10 @@ def group_norm(x, scale, bias, num_groups: int, epsilon: float) -> jax.Array:
     return y.reshape(x.shape).astype(x.dtype)
 
 
-class GroupNorm(nn.Module):
-    """`nn.GroupNorm(num_groups, epsilon, use_fast_variance=False)` (params 'scale', 'bias' (C,),
-    so converted checkpoints load unchanged) computed by `group_norm`. Under
-    `score.LowPrecisionScoreFn` its input is cast like a flax layer's; the statistics and the
-    normalisation stay float32, as flax's do, and the output has the input's dtype."""
+class AffineGroupNorm(nn.Module):
+    """`group_norm` with learned 'scale' and 'bias' (C,): the base of `GroupNorm` (a layer the
+    low-precision score function casts the input of) and guided-diffusion's `GroupNorm32` (one
+    it does not)."""
 
     num_groups: int = 32
     epsilon: float = 1e-6
@@ -75,3 +74,10 @@ class GroupNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
         return group_norm(x, scale, bias, self.num_groups, self.epsilon)
+
+
+class GroupNorm(AffineGroupNorm):
+    """`nn.GroupNorm(num_groups, epsilon, use_fast_variance=False)` (params 'scale', 'bias' (C,),
+    so converted checkpoints load unchanged) computed by `group_norm`. Under
+    `score.LowPrecisionScoreFn` its input is cast like a flax layer's; the statistics and the
+    normalisation stay float32, as flax's do, and the output has the input's dtype."""
