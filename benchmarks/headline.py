@@ -77,7 +77,10 @@ WHAT = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--groups", default="small,full", help=f"of {tuple(GROUPS)}")
     p.add_argument("--tiny", action="store_true", help="the tiny group only, matmul 256")
     p.add_argument("--batch", type=int, default=8, help="images per purification")
@@ -103,6 +106,10 @@ def parse_args(argv=None):
     unknown = [g for g in args.groups if g not in GROUPS]
     if unknown:
         p.error(f"unknown groups {unknown}; choose from {tuple(GROUPS)}")
+    small = [f"--{k.replace('_', '-')} {v}" for k in ("batch", "eot", "repeats", "rounds")
+             if (v := getattr(args, k)) < 1]  # fmt: skip
+    if small:
+        p.error(f"must be at least 1: {', '.join(small)}")
     if args.batch % args.eot:
         p.error(f"--eot {args.eot} must divide --batch {args.batch}")
     return args

@@ -50,13 +50,21 @@ _DOT = r"= (\w+\[[\d,]*\])\S* dot\(%(\S+), %(\S+)\),.*?lhs_contracting_dims=\{([
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--model", default="full", choices=list(common.MODELS))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--vjp", action="store_true", help="profile a call and its VJP in x")
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--out")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.matmul_size < 1:
+        p.error(
+            f"--batch and --matmul-size must be at least 1, got {args.batch}, {args.matmul_size}"
+        )
+    return args
 
 
 def _dims(text: str) -> list[int]:
